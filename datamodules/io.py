@@ -1,0 +1,91 @@
+"""Crash-safe file I/O shared by every stage: write to a temporary file, then rename.
+
+A kill at any point leaves either the old file or the new one, never half of one.
+JSONL readers report bad lines as file:line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+from rich.console import Console
+
+console = Console(stderr=True, soft_wrap=True)
+
+
+class DataError(ValueError):
+    """Bad input data, with the file (and line) it comes from."""
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
+    """All records at once, atomically; keys keep their order so reruns are byte-identical."""
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    atomic_write_text(path, text)
+
+
+def read_json(path: str | Path) -> Optional[Any]:
+    """The parsed file, or None when it does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+
+
+def iter_jsonl(path: str | Path, on_bad_line: str = "fail") -> Iterator[tuple[int, dict]]:
+    """(line number, record) pairs. on_bad_line: 'fail' raises naming file:line, 'skip' warns with a count."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    skipped = 0
+    with open(path, encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("a JSON object is expected on each line")
+            except ValueError as err:
+                if on_bad_line == "fail":
+                    raise DataError(f"{path}:{lineno}: malformed JSONL line ({err})") from None
+                skipped += 1
+                continue
+            yield lineno, record
+    if skipped:
+        console.print(f"[yellow]warning[/]: skipped {skipped} malformed line(s) in {path}")
+
+
+def read_jsonl(path: str | Path, on_bad_line: str = "fail") -> list[dict]:
+    return [record for _, record in iter_jsonl(path, on_bad_line)]
+
+
+def require_keys(record: dict, keys: Iterable[str], where: str) -> None:
+    """Raise naming the first missing key and where the record came from."""
+    for key in keys:
+        if key not in record:
+            raise DataError(f"{where}: missing key '{key}'")

@@ -1,0 +1,128 @@
+"""The `personafuse` command: run pipelines, sweeps, the MLflow UI, chat, benchmark data.
+
+    personafuse run experiments/quickstart.yaml [key=value ...]
+    personafuse ui
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+console = Console(stderr=True, soft_wrap=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.handler(args) or 0
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: rerun the same command to resume")
+        return 130
+    except _user_errors() as err:
+        console.print(f"[bold red]error:[/] {err}")
+        return 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by the user's input: reported in one line, no traceback."""
+    from datamodules.io import DataError
+    from experiments.config import ConfigError
+    from experiments.pipeline import PipelineLocked
+
+    return (ConfigError, DataError, PipelineLocked, FileNotFoundError)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="personafuse",
+        description="PersonaFuse experiment suite: Big Five persona experts + router, tracked in MLflow.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the stages an experiment config lists", description=_RUN_HELP,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("config", help="experiment YAML, e.g. experiments/quickstart.yaml")
+    run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=3")
+    run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    run.set_defaults(handler=_cmd_run)
+
+    keys = sub.add_parser("config", help="list every config key with its default and meaning")
+    keys.set_defaults(handler=_cmd_config)
+
+    ui = sub.add_parser("ui", help="serve the MLflow UI on the project's store")
+    ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    ui.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    ui.add_argument("--tracking-uri", default=None, help="store (default: $MLFLOW_TRACKING_URI or mlruns/mlflow.db)")
+    ui.set_defaults(handler=_cmd_ui)
+
+    reg = sub.add_parser("list", help="list registered stages, systems, benchmarks, teachers, launchers")
+    reg.set_defaults(handler=_cmd_list)
+    return parser
+
+
+_RUN_HELP = """Run an experiment: resolve the config (schema <- YAML <- key=value overrides),
+then run each stage in `stages` as an MLflow child run of one pipeline run.
+
+Rerunning the same command skips finished stages whose config is unchanged and
+resumes interrupted ones. See `personafuse config` for every key."""
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from experiments.config import load_config, to_yaml
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(to_yaml(cfg))
+        return 0
+    from experiments.pipeline import run_pipeline
+
+    run_pipeline(cfg)
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from experiments.config import help_text
+
+    print(help_text())
+    return 0
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from experiments import tracking
+
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    import mlflow
+
+    for exp in mlflow.MlflowClient(uri).search_experiments():
+        console.print(f"{exp.name}: {tracking.runs_url(exp.experiment_id, args.host, args.port)}")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+           "--host", args.host, "--port", str(args.port)]
+    root = tracking.artifact_root(uri)
+    if root:
+        cmd += ["--default-artifact-root", root]
+    console.print(f"serving {uri} on http://{args.host}:{args.port} (Ctrl-C to stop)")
+    return subprocess.call(cmd, env=os.environ.copy())
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from experiments import registry
+
+    for reg in (registry.STAGES, registry.SYSTEMS, registry.BENCHMARKS, registry.TEACHERS,
+                registry.LAUNCHERS, registry.STRATEGIES, registry.ENCODERS, registry.GATES):
+        print(f"{reg.kind}s:")
+        for name, doc in reg.describe().items():
+            print(f"  {name:<22} {doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

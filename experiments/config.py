@@ -1,0 +1,447 @@
+"""Typed experiment configuration: dataclass schema <- YAML files <- `key=value` overrides.
+
+Every field has a default and a one-line docstring (shown by `personafuse run --help-config`).
+Defaults marked "(ours)" are this project's choices, not values reported by the paper.
+Stages receive the typed section they need, never the whole config.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the file and key it comes from."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "smollm2-135m-instruct"
+    """Hugging Face id, local folder, or a built-in name: smollm2-135m-instruct, tiny-random-llama."""
+    dtype: str = "float32"
+    """Weights dtype: float32, bfloat16 or float16."""
+    device: str = "auto"
+    """Device for inference outside a Trainer: auto (cuda if present), cpu, cuda, cuda:N."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub; off unless you trust the repository."""
+    revision: Optional[str] = None
+    """Pinned hub revision (commit) for reproducibility."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    """LoRA rank of every persona expert (ours)."""
+    alpha: float = 32.0
+    """LoRA alpha; the delta is scaled by alpha / r (ours)."""
+    dropout: float = 0.05
+    """Dropout on the expert input during training (ours)."""
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    """Leaf names of the linear layers that get experts (attention and MLP projections)."""
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    """Lightning accelerator: auto, cpu, gpu."""
+    devices: Any = "auto"
+    """Devices per node (int, list or 'auto')."""
+    num_nodes: int = 1
+    """Nodes for multi-node runs (SLURM)."""
+    strategy: str = "auto"
+    """Registered strategy id: auto, ddp, ddp_cpu, fsdp, deepspeed_zero2, deepspeed_zero3."""
+    precision: str = "32-true"
+    """Lightning precision: 32-true, bf16-mixed, bf16-true, 16-mixed."""
+    max_steps: int = 20
+    """Optimizer steps per training stage unless the stage sets its own."""
+    val_check_interval: Optional[int] = None
+    """Validate every N steps (None: once per epoch / at the end)."""
+    log_every_n_steps: int = 1
+    """How often to log training metrics."""
+    accumulate_grad_batches: int = 1
+    """Gradient accumulation."""
+    gradient_clip_val: Optional[float] = 1.0
+    """Gradient norm clip (None: off)."""
+    checkpoint_every_n_steps: int = 5
+    """Save a resumable checkpoint (trainable weights + optimizer) every N steps."""
+
+
+@dataclass
+class PersonasConfig:
+    file: str = "experiments/personas/big_five.yaml"
+    """Persona set YAML (one entry per pole); relative paths are from the project root."""
+
+
+@dataclass
+class DataConfig:
+    situations: str = "datamodules/data/situations.jsonl"
+    """Situations corpus (JSONL with activation labels)."""
+    val_fraction: float = 0.1
+    """Fraction of each domain held out for validation."""
+    test_fraction: float = 0.2
+    """Fraction of each domain held out for testing."""
+    split_seed: int = 0
+    """Seed of the stratified split; the split depends on nothing else."""
+    on_bad_line: str = "fail"
+    """A malformed JSONL line: fail (report file:line) or skip (count and warn)."""
+
+
+@dataclass
+class TeacherConfig:
+    kind: str = "local"
+    """Registered teacher id: local (a transformers model) or openai (any OpenAI-compatible endpoint)."""
+    model: Optional[str] = None
+    """Local: model name_or_path (None: the experiment's base model). OpenAI: the served model name."""
+    base_url: Optional[str] = None
+    """OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Name of the environment variable holding the API key (the key itself never goes in config)."""
+    max_concurrency: int = 8
+    """Concurrent HTTP requests."""
+    timeout_s: float = 60.0
+    """Per-request timeout."""
+    max_retries: int = 4
+    """Retries on 429/5xx/timeouts, with exponential backoff."""
+    backoff_s: float = 1.0
+    """First backoff delay; doubles each retry."""
+    temperature: float = 0.7
+    """Sampling temperature (0: greedy)."""
+    max_new_tokens: int = 96
+    """Token budget per generated answer."""
+    batch_size: int = 8
+    """Local teacher: prompts per generation batch."""
+
+
+@dataclass
+class DatagenConfig:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    """Which model writes the persona data."""
+    split: str = "train"
+    """Which corpus split(s) to generate for: train, val, test or all."""
+    limit: Optional[int] = None
+    """Situations to process (None: all of the split), chosen deterministically."""
+    parse_retries: int = 1
+    """Extra attempts when the teacher's output cannot be parsed."""
+    prompts: dict[str, str] = field(default_factory=dict)
+    """Prompt templates by step (cues, ratings, pole, fused); empty uses experiments/prompts/persona_cot.yaml."""
+    min_words: int = 3
+    """Quality filter: shortest acceptable response."""
+    max_words: int = 220
+    """Quality filter: longest acceptable response."""
+    duplicate_threshold: float = 0.9
+    """Quality filter: token-set similarity above which two pole responses are near-duplicates."""
+    judge: bool = False
+    """Ask the teacher to confirm that each pole response expresses its pole."""
+    seed: int = 0
+    """Sampling seed."""
+
+
+@dataclass
+class AdapterSFTConfig:
+    data: str = "auto"
+    """Training records: auto (datagen output when the pipeline has it, else persona examples), persona_examples, or a JSONL path of {messages, response, pole}."""
+    include_persona_examples: bool = True
+    """Also train on the persona YAML's example replies."""
+    lr: float = 2e-4
+    """AdamW learning rate (ours)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    batch_size: int = 8
+    """Examples per batch (poles may mix)."""
+    max_length: int = 256
+    """Token limit per example (prompt + response)."""
+    max_steps: Optional[int] = None
+    """Optimizer steps (None: trainer.max_steps)."""
+    val_fraction: float = 0.15
+    """Held-out fraction of the SFT records, per pole."""
+
+
+@dataclass
+class RouterLossConfig:
+    bce: float = 1.0
+    """Weight of binary cross-entropy against the activation labels."""
+    contrastive: float = 0.0
+    """Weight of the context/expert-embedding contrastive loss."""
+    load_balance: float = 0.0
+    """Weight of the load-balance regulariser."""
+    pole_exclusivity: float = 0.0
+    """Weight of the regulariser against activating both poles of one trait."""
+
+
+@dataclass
+class RouterConfig:
+    encoder: str = "base_hidden"
+    """Registered encoder id: base_hidden (the frozen base model's states) or minilm or hf:<id or path>."""
+    layer: int = -1
+    """Hidden-state layer to mean-pool for base_hidden (negative counts from the top)."""
+    hidden: int = 256
+    """Width of the router MLP (ours)."""
+    gate: str = "sigmoid"
+    """Registered gate normalisation: sigmoid, softmax or topk."""
+    temperature: float = 1.0
+    """Softmax / top-k temperature."""
+    top_k: int = 3
+    """Experts kept by topk gates."""
+    loss: RouterLossConfig = field(default_factory=RouterLossConfig)
+    """Loss weights."""
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    batch_size: int = 32
+    """Situations per batch."""
+    max_epochs: int = 30
+    """Epochs over the cached context embeddings."""
+    dropout: float = 0.1
+    """Dropout in the router MLP."""
+
+
+@dataclass
+class JointConfig:
+    lr: float = 2e-5
+    """Low learning rate for joint tuning of router and experts."""
+    router_loss_weight: float = 0.5
+    """Weight of the router loss added to the LM loss on fused responses."""
+    batch_size: int = 4
+    """Examples per batch."""
+    max_length: int = 256
+    """Token limit per example."""
+    max_steps: Optional[int] = None
+    """Optimizer steps (None: trainer.max_steps)."""
+
+
+@dataclass
+class BenchmarkConfig:
+    limit: Optional[int] = None
+    """Items to use (None: all), chosen deterministically from the seed."""
+    seed: int = 0
+    """Selection and option-shuffle seed."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Benchmark-specific options (e.g. k_shot for mmlu, max_new_tokens, language)."""
+
+
+@dataclass
+class JudgeConfig:
+    enabled: bool = True
+    """Judge downstream replies (mental-health support, customer service)."""
+    teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(temperature=0.0, max_new_tokens=48))
+    """The judge model (local or OpenAI-compatible)."""
+    limit: Optional[int] = 8
+    """Test situations per domain."""
+    domains: list[str] = field(default_factory=lambda: ["mental_health_support", "customer_service"])
+    """Corpus domains used as downstream tasks."""
+
+
+@dataclass
+class EvaluateConfig:
+    systems: list[str] = field(default_factory=lambda: ["base", "prompting", "sft", "personafuse"])
+    """Registered system ids to compare."""
+    benchmarks: dict[str, BenchmarkConfig] = field(default_factory=dict)
+    """Benchmark id -> settings; ids are built-ins or YAML benchmarks."""
+    benchmark_files: list[str] = field(default_factory=list)
+    """Extra YAML-defined benchmarks (files or folders)."""
+    data_root: Optional[str] = None
+    """Benchmark data root (None: $PERSONAFUSE_BENCHMARKS, ../shared/benchmarks, ~/.cache/personafuse/benchmarks)."""
+    batch_size: int = 8
+    """Prompts per batch."""
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """Downstream tasks judged by a model."""
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: Optional[str] = None
+    """MLflow store (None: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)."""
+    experiment: Optional[str] = None
+    """MLflow experiment name (None: the experiment's name)."""
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    """Experiment name: the MLflow experiment and the output folder."""
+    stages: list[str] = field(default_factory=list)
+    """Registered stage ids to run, in order: datagen, adapter_sft, sft_baseline, router, joint, evaluate."""
+    output_dir: str = "outputs/${name}"
+    """Where this run's files go (resolved config, datasets, adapters, tables)."""
+    seed: int = 0
+    """Global seed."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    personas: PersonasConfig = field(default_factory=PersonasConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    datagen: DatagenConfig = field(default_factory=DatagenConfig)
+    adapter_sft: AdapterSFTConfig = field(default_factory=AdapterSFTConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    joint: JointConfig = field(default_factory=JointConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def project_root() -> Path:
+    """The folder holding pyproject.toml; relative config paths resolve from here."""
+    return Path(__file__).resolve().parent.parent
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Schema <- YAML <- overrides, as a typed object. Raises ConfigError naming the file and key."""
+    path = Path(path)
+    merged = OmegaConf.structured(ExperimentConfig)
+    merged = _merge_yaml(merged, path)
+    merged = _merge_overrides(merged, list(overrides), str(path))
+    try:
+        OmegaConf.resolve(merged)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _explain(err, str(path)) from None
+    _check_registered(cfg, str(path))
+    return cfg
+
+
+def _merge_yaml(base: DictConfig, path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: malformed YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+    data.setdefault("name", path.stem)
+    try:
+        return OmegaConf.merge(base, data)
+    except OmegaConfBaseException as err:
+        raise _explain(err, str(path)) from None
+
+
+def _merge_overrides(base: DictConfig, overrides: list[str], config_path: str) -> DictConfig:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. trainer.max_steps=3)")
+        try:
+            base = OmegaConf.merge(base, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as err:
+            raise _explain(err, f"command-line override '{item}' (on {config_path})") from None
+    return base
+
+
+def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
+    """Turn an OmegaConf error into one line naming the source, the key and a close match."""
+    key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
+    if isinstance(err, ConfigKeyError) or "not in" in str(err):
+        hint = _suggest(str(key))
+        return ConfigError(f"{source}: unknown key '{key}'" + (f" — did you mean '{hint}'?" if hint else ""))
+    if isinstance(err, ValidationError):
+        msg = str(err).splitlines()[0]
+        return ConfigError(f"{source}: wrong type for key '{key}': {msg}")
+    return ConfigError(f"{source}: {str(err).splitlines()[0]} (key '{key}')")
+
+
+def _suggest(full_key: str) -> Optional[str]:
+    """Closest valid dotted key for a typo like trainer.max_stepz."""
+    known = list(_schema_keys(ExperimentConfig))
+    match = difflib.get_close_matches(full_key, known, n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def _schema_keys(schema: type, prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for f in fields(schema):
+        dotted = f"{prefix}{f.name}"
+        keys.append(dotted)
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if is_dataclass(default):
+            keys.extend(_schema_keys(type(default), dotted + "."))
+    return keys
+
+
+def _check_registered(cfg: ExperimentConfig, source: str) -> None:
+    """A YAML may only name registered things; say which key names an unknown one."""
+    from experiments import registry
+
+    checks = [("stages", cfg.stages, registry.STAGES), ("evaluate.systems", cfg.evaluate.systems, registry.SYSTEMS)]
+    checks += [("trainer.strategy", [cfg.trainer.strategy], registry.STRATEGIES)]
+    checks += [("datagen.teacher.kind", [cfg.datagen.teacher.kind], registry.TEACHERS)]
+    checks += [("evaluate.judge.teacher.kind", [cfg.evaluate.judge.teacher.kind], registry.TEACHERS)]
+    checks += [("router.gate", [cfg.router.gate], registry.GATES)]
+    for key, names, reg in checks:
+        for name in names:
+            if name not in reg:
+                raise ConfigError(f"{source}: key '{key}': {reg.unknown_message(name)}")
+    if not cfg.router.encoder.startswith("hf:") and cfg.router.encoder not in registry.ENCODERS:
+        raise ConfigError(f"{source}: key 'router.encoder': {registry.ENCODERS.unknown_message(cfg.router.encoder)}")
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def to_container(cfg: Any) -> dict:
+    """Plain dict of a config object (or section)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
+
+
+def config_hash(section: Any) -> str:
+    """Stable short hash of a config section (or any JSON-able value) for caching and tags."""
+    payload = to_container(section) if is_dataclass(section) else section
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, str]:
+    """Dotted key -> string value, for MLflow params."""
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return out
+
+
+def help_text() -> str:
+    """Every config key with its default and docstring, for --help-config."""
+    lines: list[str] = []
+    _describe(ExperimentConfig, "", lines)
+    return "\n".join(lines)
+
+
+def _describe(schema: type, prefix: str, lines: list[str]) -> None:
+    docs = _field_docs(schema)
+    for f in fields(schema):
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if is_dataclass(default):
+            _describe(type(default), f"{prefix}{f.name}.", lines)
+        else:
+            lines.append(f"  {prefix}{f.name} = {default!r}\n      {docs.get(f.name, '')}")
+
+
+def _field_docs(schema: type) -> dict[str, str]:
+    """Attribute docstrings (the string literal under each field), read from the source."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(schema)))
+    body = tree.body[0].body
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)
+    return docs

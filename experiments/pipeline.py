@@ -1,0 +1,202 @@
+"""Run the stages a config lists, as one MLflow parent run with one child run per stage.
+
+Each stage writes `<output_dir>/<stage>/state.json` when it completes, holding the hash of the
+config it ran with (and of the stages before it). A rerun skips a stage whose hash is unchanged,
+and continues the same MLflow child run when a stage was interrupted.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from rich.console import Console
+
+from experiments import registry, tracking
+from experiments.config import ExperimentConfig, config_hash, flatten, to_container, to_yaml
+from datamodules.io import atomic_write_text, read_json
+
+console = Console(stderr=True, soft_wrap=True)
+
+
+class PipelineLocked(RuntimeError):
+    """Another pipeline is writing to the same output folder."""
+
+
+@dataclass
+class StageContext:
+    """What a stage gets: its typed config pieces via `cfg`, its folder, its MLflow run."""
+
+    cfg: ExperimentConfig
+    stage: str
+    stage_dir: Path
+    output_dir: Path
+    tracking_uri: str
+    experiment_id: str
+    run_id: str
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Results of the stages that ran before this one, by stage id."""
+
+    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
+        import mlflow
+
+        client = mlflow.MlflowClient(self.tracking_uri)
+        ts = int(time.time() * 1000)
+        from mlflow.entities import Metric
+
+        items = [Metric(_metric_key(k), float(v), ts, step or 0) for k, v in metrics.items()]
+        for start in range(0, len(items), 500):
+            client.log_batch(self.run_id, metrics=items[start : start + 500])
+
+    def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
+        import mlflow
+
+        client = mlflow.MlflowClient(self.tracking_uri)
+        if Path(path).is_dir():
+            client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        import mlflow
+
+        client = mlflow.MlflowClient(self.tracking_uri)
+        for key, value in tags.items():
+            client.set_tag(self.run_id, key, value)
+
+
+def _metric_key(key: str) -> str:
+    """MLflow metric names allow alphanumerics, _ - . / and space."""
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
+
+
+def stage_hash(cfg: ExperimentConfig, stage: str, upstream: list[str]) -> str:
+    """What a stage's result depends on: the whole resolved config minus tracking, and its upstream hashes."""
+    payload = to_container(cfg)
+    for key in ("tracking", "stages", "name", "output_dir"):
+        payload.pop(key, None)
+    return config_hash({"stage": stage, "config": payload, "upstream": upstream})
+
+
+def run_pipeline(cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
+    """Run every stage in cfg.stages; returns each stage's result dict."""
+    for stage in cfg.stages:
+        registry.STAGES.get(stage)  # fail before writing anything if a stage is not available
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out / ".lock"):
+        return _run_locked(cfg, out)
+
+
+def _run_locked(cfg: ExperimentConfig, out: Path) -> dict[str, dict[str, Any]]:
+    atomic_write_text(out / "config.yaml", to_yaml(cfg))
+    uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
+    exp_id = tracking.get_or_create_experiment(cfg.tracking.experiment or cfg.name, uri)
+    parent = _resume_or_start(out / "run_state.json", uri, exp_id, cfg.name, _base_tags(cfg, "pipeline"))
+    tracking.log_params(uri, parent, flatten(to_container(cfg)))
+    _log_file(uri, parent, out / "config.yaml")
+    results: dict[str, dict[str, Any]] = {}
+    hashes: list[str] = []
+    for stage in cfg.stages:
+        h = stage_hash(cfg, stage, hashes)
+        results[stage] = _run_stage(cfg, stage, h, out, uri, exp_id, parent, results)
+        hashes.append(h)
+    _finish(uri, parent)
+    console.print(f"[bold green]done[/] — MLflow runs: {tracking.runs_url(exp_id)}  (open with `personafuse ui`)")
+    return results
+
+
+def _run_stage(cfg, stage, h, out, uri, exp_id, parent, results) -> dict[str, Any]:
+    stage_dir = out / stage
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    state_file = stage_dir / "state.json"
+    state = read_json(state_file) or {}
+    if state.get("complete") and state.get("hash") == h:
+        console.print(f"[cyan]{stage}[/]: unchanged since its last run — skipped ({state_file})")
+        return state["result"]
+    if state.get("hash") != h:
+        state = {}  # config changed: a fresh MLflow run, not a continuation
+    tags = {**_base_tags(cfg, stage), "stage_hash": h}
+    run_id = state.get("run_id") or tracking.start_run(uri, exp_id, stage, tags, parent)
+    atomic_write_text(state_file, json.dumps({"hash": h, "run_id": run_id, "complete": False}))
+    ctx = StageContext(cfg, stage, stage_dir, out, uri, exp_id, run_id, dict(results))
+    console.rule(f"[bold]{stage}")
+    started = time.time()
+    result = registry.STAGES.get(stage)(ctx) or {}
+    ctx.log_metrics({f"{stage}/wall_time_s": time.time() - started})
+    _finish(uri, run_id)
+    atomic_write_text(state_file, json.dumps({"hash": h, "run_id": run_id, "complete": True, "result": result}))
+    return result
+
+
+def _resume_or_start(state_file: Path, uri: str, exp_id: str, name: str, tags: dict[str, str]) -> str:
+    """Continue the parent run of an interrupted pipeline instead of starting a duplicate."""
+    import mlflow
+
+    state = read_json(state_file) or {}
+    run_id = state.get("run_id")
+    if run_id:
+        try:
+            run = mlflow.MlflowClient(uri).get_run(run_id)
+            if run.info.experiment_id == exp_id:
+                mlflow.MlflowClient(uri).update_run(run_id, status="RUNNING")
+                return run_id
+        except Exception:  # the store was reset: start over
+            pass
+    run_id = tracking.start_run(uri, exp_id, name, tags)
+    atomic_write_text(state_file, json.dumps({"run_id": run_id, "tracking_uri": uri}))
+    return run_id
+
+
+def _finish(uri: str, run_id: str) -> None:
+    import mlflow
+
+    mlflow.MlflowClient(uri).set_terminated(run_id, "FINISHED")
+
+
+def _log_file(uri: str, run_id: str, path: Path) -> None:
+    import mlflow
+
+    mlflow.MlflowClient(uri).log_artifact(run_id, str(path))
+
+
+def _base_tags(cfg: ExperimentConfig, stage: str) -> dict[str, str]:
+    return {
+        "stage": stage,
+        "git_commit": tracking.git_commit(),
+        "base_model": cfg.model.name_or_path,
+        "config_name": cfg.name,
+    }
+
+
+class _exclusive:
+    """A non-blocking lock file: a second pipeline on the same folder fails at once, clearly."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.handle = None
+
+    def __enter__(self):
+        self.handle = open(self.path, "w")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.close()
+            raise PipelineLocked(
+                f"another pipeline is running on {self.path.parent} (lock {self.path}); "
+                "wait for it or choose another output_dir"
+            ) from None
+        self.handle.write(str(os.getpid()))
+        self.handle.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
+
+
+StageFn = Callable[[StageContext], dict]

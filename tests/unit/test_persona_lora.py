@@ -1,0 +1,111 @@
+"""The persona layer is exactly the math in DESIGN §1 and interchangeable with PEFT adapters."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lightning_modules.components.persona_lora import PersonaLoRAModel
+
+POLES = ["a_high", "a_low", "b_high", "b_low"]
+
+
+def _randomise(model: PersonaLoRAModel, seed: int = 0) -> None:
+    """Non-zero B so experts actually change the output."""
+    g = torch.Generator().manual_seed(seed)
+    for layer in model.persona_layers():
+        layer.lora_B.data.normal_(0, 0.05, generator=g)
+
+
+@pytest.fixture()
+def persona(tiny_model):
+    base, tok = tiny_model
+    reference = copy.deepcopy(base)
+    model = PersonaLoRAModel(base, POLES, r=4, alpha=8, dropout=0.0)
+    _randomise(model)
+    ids = tok(["Hello there, how are you?", "Tell me a story about a cat."], return_tensors="pt", padding=True)
+    return model, reference, ids
+
+
+def _logits(model, ids, gates=None):
+    with torch.no_grad():
+        if gates is None:
+            return model(**ids).logits
+        with model.gates(gates):
+            return model(**ids).logits
+
+
+def test_zero_gates_equal_base(persona):
+    model, reference, ids = persona
+    zero = torch.zeros(2, len(POLES))
+    assert torch.equal(_logits(model, ids, zero), _logits(reference, ids))
+
+
+def test_one_hot_gate_equals_exported_peft_adapter(persona, tmp_path):
+    from peft import PeftModel
+
+    model, reference, ids = persona
+    for e, pole in enumerate(POLES):
+        folder = model.export_peft(pole, tmp_path / pole)
+        assert (folder / "adapter_config.json").is_file()
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(reference), folder)
+        gates = torch.nn.functional.one_hot(torch.tensor([e, e]), len(POLES)).float()
+        torch.testing.assert_close(_logits(model, ids, gates), _logits(peft_model, ids), atol=1e-5, rtol=1e-4)
+
+
+def test_mixed_gates_are_weighted_sum_of_deltas(persona):
+    model, reference, ids = persona
+    base_out = _logits(reference, ids)
+    gates = torch.tensor([[0.3, 0.0, 0.7, 0.2], [0.0, 1.0, 0.5, 0.0]])
+    # The delta is linear in the gates at each layer only to first order; compare on one layer directly.
+    layer = next(model.persona_layers())
+    x = torch.randn(2, 5, layer.base.in_features)
+    model.set_gates(gates)
+    mixed = layer(x) - layer.base(x)
+    expected = torch.zeros_like(mixed)
+    for e in range(len(POLES)):
+        delta_e = x @ layer.lora_A[e].t() @ layer.lora_B[e].t() * layer.scaling
+        expected += gates[:, e, None, None] * delta_e
+    model.set_gates(None)
+    torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(_logits(model, ids, gates), base_out)
+
+
+def test_gathered_one_hot_path_equals_fused_path(persona):
+    model, _, ids = persona
+    onehot = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.5]])
+    gathered = _logits(model, ids, onehot)
+    assert model.state.onehot_index is None  # context restored
+    nearly = onehot.clone()
+    nearly[0, 0] = 1e-30  # two non-zeros per row forces the fused path; the tiny gate changes nothing visible
+    torch.testing.assert_close(gathered, _logits(model, ids, nearly), atol=1e-5, rtol=1e-4)
+
+
+def test_export_roundtrip_and_mismatch_errors(persona, tmp_path, tiny_model_path):
+    model, reference, ids = persona
+    folder = model.export_peft("b_low", tmp_path / "b_low")
+    other = PersonaLoRAModel(copy.deepcopy(reference), POLES, r=4, alpha=8, dropout=0.0)
+    other.load_peft("b_low", folder)
+    gates = torch.tensor([[0.0, 0.0, 0.0, 1.0]] * 2)
+    torch.testing.assert_close(_logits(model, ids, gates), _logits(other, ids, gates))
+    wrong_rank = PersonaLoRAModel(copy.deepcopy(reference), POLES, r=8, alpha=8, dropout=0.0)
+    with pytest.raises(ValueError, match="r/alpha"):
+        wrong_rank.load_peft("b_low", folder)
+
+
+def test_only_experts_are_trainable(persona):
+    model, _, _ = persona
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A" in n or ".lora_B" in n for n in trainable)
+    assert set(model.trainable_state_dict()) == trainable
+
+
+def test_bf16_forward_runs(tiny_model):
+    base, tok = tiny_model
+    model = PersonaLoRAModel(base.to(torch.bfloat16), POLES, r=4, alpha=8, dropout=0.0)
+    _randomise(model)
+    ids = tok(["hi"], return_tensors="pt")
+    with torch.no_grad(), model.gates(torch.tensor([[0.5, 0.5, 0.0, 0.0]])):
+        out = model(**ids).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
