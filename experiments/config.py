@@ -244,6 +244,8 @@ class JudgeConfig:
     """The judge model (local or OpenAI-compatible)."""
     limit: Optional[int] = 8
     """Test situations per domain."""
+    reply_max_new_tokens: int = 96
+    """Token budget of each system's reply to a downstream situation."""
     domains: list[str] = field(default_factory=lambda: ["mental_health_support", "customer_service"])
     """Corpus domains used as downstream tasks."""
 
@@ -260,6 +262,12 @@ class EvaluateConfig:
     """Benchmark data root (None: $PERSONAFUSE_BENCHMARKS, ../shared/benchmarks, ~/.cache/personafuse/benchmarks)."""
     batch_size: int = 8
     """Prompts per batch."""
+    persona_prompt: str = (
+        "Before you answer, read the situation: what does the person need, and which Big Five traits "
+        "(openness, conscientiousness, extraversion, agreeableness, emotional stability) would a wise, "
+        "caring person show here? Adopt those traits in your reply."
+    )
+    """System prompt of the direct-prompting systems (ours)."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     """Downstream tasks judged by a model."""
 

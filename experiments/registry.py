@@ -85,6 +85,10 @@ def register_builtin_entries() -> None:
         SYSTEMS.add(name, spec, spec.description)
     STAGES.add("datagen", "lightning_modules.datagen:run", "Persona-CoT data generation with a local or OpenAI-compatible teacher")
     STAGES.add("adapter_sft", "lightning_modules.adapter_sft:run", "train the persona experts (one run, mixed poles)")
+    for bench, cls in (("eq_bench", "EQBench"), ("emobench_eu", "EmoBenchEU"), ("emobench_ea", "EmoBenchEA"),
+                       ("mpi", "MPI"), ("gsm8k", "GSM8K"), ("mmlu", "MMLU"), ("xstest", "XSTest")):
+        BENCHMARKS.add(bench, f"datamodules.benchmarks:{cls}", f"built-in benchmark ({cls})")
+    STAGES.add("evaluate", "lightning_modules.evaluate:run", "benchmarks and downstream tasks for every system")
     STAGES.add("router", "lightning_modules.router:run", "train the router on situation activation labels")
     STAGES.add("sft_baseline", "lightning_modules.adapter_sft:run_sft_baseline", "one LoRA on all fused responses (SFT baseline)")
 

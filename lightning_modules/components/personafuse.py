@@ -1,0 +1,166 @@
+"""PersonaFuse for inference: route once per conversation, hold the gates, generate with the KV cache.
+
+Also `ChatModel`, the EvalModel every evaluated system is (base, prompting, SFT, PersonaFuse and
+the ablations differ only in the gate function and the system prompt they are given).
+No Lightning here.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from lightning_modules.components.persona_lora import PersonaLoRAModel
+from lightning_modules.components.router import Router, build_encoder, load_router, normalise_gates, save_router
+
+GateFn = Callable[[Sequence[list[dict]]], Optional[torch.Tensor]]
+
+
+class ChatModel:
+    """Greedy chat generation and option log-likelihoods under per-conversation gates."""
+
+    def __init__(self, model: nn.Module, tokenizer, gate_fn: Optional[GateFn] = None,
+                 system_prompt: Optional[str] = None, batch_size: int = 8):
+        self.model, self.tokenizer = model, tokenizer
+        self.gate_fn, self.system_prompt, self.batch_size = gate_fn, system_prompt, batch_size
+        self.last_gates: list[list[float]] = []
+
+    def _prompted(self, conversation: list[dict]) -> list[dict]:
+        if not self.system_prompt:
+            return list(conversation)
+        if conversation and conversation[0]["role"] == "system":
+            merged = self.system_prompt + "\n\n" + conversation[0]["content"]
+            return [{"role": "system", "content": merged}] + list(conversation[1:])
+        return [{"role": "system", "content": self.system_prompt}] + list(conversation)
+
+    def _gates(self, conversations: Sequence[list[dict]]) -> Optional[torch.Tensor]:
+        """Gates come from the user's conversation, before any persona prompt is added."""
+        gates = self.gate_fn(conversations) if self.gate_fn else None
+        if gates is not None:
+            self.last_gates.extend(gates.tolist())
+        return gates
+
+    @torch.no_grad()
+    def generate(self, conversations: Sequence[list[dict]], max_new_tokens: int) -> list[str]:
+        texts: list[str] = []
+        for start in range(0, len(conversations), self.batch_size):
+            chunk = conversations[start : start + self.batch_size]
+            texts += generate_with_gates(self.model, self.tokenizer, [self._prompted(c) for c in chunk],
+                                         self._gates(chunk), max_new_tokens)
+        return texts
+
+    @torch.no_grad()
+    def option_logprobs(self, conversations: Sequence[list[dict]], options: Sequence[Sequence[str]]) -> list[list[float]]:
+        out: list[list[float]] = []
+        for start in range(0, len(conversations), self.batch_size):
+            convs = conversations[start : start + self.batch_size]
+            gates = self._gates(convs)
+            out += _option_logprobs(self.model, self.tokenizer, [self._prompted(c) for c in convs],
+                                    options[start : start + self.batch_size], gates)
+        return out
+
+
+def generate_with_gates(model, tokenizer, conversations: Sequence[list[dict]], gates: Optional[torch.Tensor],
+                        max_new_tokens: int) -> list[str]:
+    """Left-padded batched greedy decoding; each sequence keeps its own gates for every token."""
+    prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    if isinstance(model, PersonaLoRAModel):
+        with model.gates(None if gates is None else gates.to(device)):
+            out = model.generate(**batch, **kwargs)
+    else:
+        out = model.generate(**batch, **kwargs)
+    new = out[:, batch["input_ids"].shape[1]:]
+    return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def _option_logprobs(model, tokenizer, conversations, options, gates) -> list[list[float]]:
+    """Sum of log p(option tokens | templated prompt), all options of a batch in one forward."""
+    rows, owners = [], []
+    for i, (conv, opts) in enumerate(zip(conversations, options)):
+        prompt = tokenizer(tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False),
+                           add_special_tokens=False)["input_ids"]
+        for opt in opts:
+            rows.append((prompt, tokenizer(opt, add_special_tokens=False)["input_ids"]))
+            owners.append(i)
+    width = max(len(p) + len(o) for p, o in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, (p, o) in enumerate(rows):
+        ids[r, : len(p) + len(o)] = torch.tensor(p + o)
+        mask[r, : len(p) + len(o)] = 1
+    device = next(model.parameters()).device
+    row_gates = None if gates is None else gates[torch.tensor(owners)].to(device)
+    if isinstance(model, PersonaLoRAModel):
+        with model.gates(row_gates):
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+    else:
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
+    scores: list[list[float]] = [[] for _ in conversations]
+    for r, (p, o) in enumerate(rows):
+        scores[owners[r]].append(float(logp[r, len(p) - 1 : len(p) + len(o) - 1].sum()))
+    return scores
+
+
+class PersonaFuse(nn.Module):
+    """Experts + router + encoder; `route` computes gates once, `chat` generates under them."""
+
+    def __init__(self, persona_model: PersonaLoRAModel, tokenizer, router: Router, router_meta: dict,
+                 encoder: Optional[nn.Module] = None):
+        super().__init__()
+        self.persona_model, self.tokenizer, self.router, self.meta = persona_model, tokenizer, router, router_meta
+        self.encoder = encoder or build_encoder(router_meta["encoder"], router_meta["layer"], persona_model, tokenizer)
+
+    @torch.no_grad()
+    def route(self, conversations: Sequence[list[dict]]) -> torch.Tensor:
+        pooled = self.encoder(conversations).to(next(self.router.parameters()).device)
+        logits = self.router(pooled)
+        return normalise_gates(logits, self.meta["gate"], self.meta.get("temperature", 1.0), self.meta.get("top_k", 3))
+
+    @torch.no_grad()
+    def generate(self, conversations: Sequence[list[dict]], max_new_tokens: int = 128) -> tuple[list[str], torch.Tensor]:
+        gates = self.route(conversations)
+        return generate_with_gates(self.persona_model, self.tokenizer, conversations, gates, max_new_tokens), gates
+
+    def save(self, folder: str | Path, base_model: str, lora: dict) -> Path:
+        """One folder: adapters/<pole>/ (PEFT), router/ (safetensors + json), personafuse.json."""
+        from datamodules.io import atomic_write_text
+
+        folder = Path(folder)
+        for name in self.persona_model.expert_names:
+            self.persona_model.export_peft(name, folder / "adapters" / name, base_model)
+        save_router(self.router, folder / "router", {k: v for k, v in self.meta.items()
+                                                     if k not in ("input_dim", "num_experts", "hidden")})
+        atomic_write_text(folder / "personafuse.json", json.dumps(
+            {"base_model": base_model, "experts": self.persona_model.expert_names, "lora": lora}, indent=2))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, dtype: str = "float32", device: str = "cpu") -> "PersonaFuse":
+        from lightning_modules.components.base_model import load_base_model
+
+        folder = Path(folder)
+        meta_file = folder / "personafuse.json"
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{folder} is not a PersonaFuse folder (no personafuse.json)")
+        meta = json.loads(meta_file.read_text())
+        base, tok = load_base_model(meta["base_model"], dtype)
+        lora = meta["lora"]
+        model = PersonaLoRAModel(base, meta["experts"], lora["r"], lora["alpha"], 0.0, lora["target_modules"])
+        for name in meta["experts"]:
+            model.load_peft(name, folder / "adapters" / name)
+        router, router_meta = load_router(folder / "router")
+        model.to(device).eval()
+        return cls(model, tok, router.to(device), router_meta)

@@ -1,0 +1,238 @@
+"""Stage `evaluate`: every system on every benchmark, one MLflow run per system, side by side.
+
+Work is a list of (system, benchmark) jobs run through Lightning's predict loop, so several
+devices split the jobs. Each finished job is cached in the stage folder, so a killed evaluation
+resumes per system and benchmark. The stage then logs a comparison table, a bar chart per
+benchmark metric and a Big Five profile chart.
+
+    personafuse run experiments/smoke.yaml stages=[adapter_sft,sft_baseline,router,evaluate]
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from datamodules.io import atomic_write_text, read_json, write_jsonl
+from experiments import registry, tracking
+from experiments.config import project_path
+from experiments.systems import SystemSpec
+from lightning_modules.components.personafuse import ChatModel
+from lightning_modules.evaluate_report import log_comparison
+
+HEADLINE_METRICS = (
+    "eq_bench/score", "eq_bench/parsed", "emobench_eu/accuracy", "emobench_ea/accuracy",
+    "mpi/openness", "mpi/conscientiousness", "mpi/extraversion", "mpi/agreeableness", "mpi/neuroticism",
+    "gsm8k/accuracy", "mmlu/accuracy", "xstest/safe_refusal_rate", "xstest/unsafe_compliance_rate",
+)
+
+
+@dataclass  # not frozen: Lightning's batch transfer rebuilds dataclasses
+class EvalJob:
+    system: str
+    benchmark: str
+
+
+class EvaluateModule(L.LightningModule):
+    """predict_step runs one (system, benchmark) job; finished jobs are read back from the cache."""
+
+    def __init__(self, build_system: Callable[[str], ChatModel], benchmarks: dict, cache_dir: Path, batch_size: int = 8):
+        super().__init__()
+        self.build_system, self.benchmarks = build_system, benchmarks
+        self.cache_dir, self.batch_size = Path(cache_dir), batch_size
+        self._system_name: Optional[str] = None
+        self._system: Optional[ChatModel] = None
+
+    def predict_step(self, job: EvalJob, batch_idx: int = 0) -> dict:
+        path = self.cache_dir / job.system / f"{job.benchmark}.json"
+        cached = read_json(path)
+        if cached is not None:
+            return cached
+        model = self._model(job.system)
+        model.last_gates = []
+        metrics, records = self.benchmarks[job.benchmark].evaluate(model, self.batch_size)
+        result = {"system": job.system, "benchmark": job.benchmark, "metrics": metrics,
+                  "records": records, "gates": model.last_gates}
+        atomic_write_text(path, json.dumps(result))
+        return result
+
+    def _model(self, system: str) -> ChatModel:
+        """Jobs arrive grouped by system; keep one system's model alive at a time."""
+        if self._system_name != system:
+            self._system, self._system_name = None, None
+            self._system, self._system_name = self.build_system(system), system
+        return self._system
+
+
+def build_benchmarks(ecfg) -> dict:
+    """Benchmark id -> configured instance; ids are built-ins or YAML benchmarks."""
+    from datamodules.benchmarks import BUILTIN_BENCHMARKS, load_yaml_benchmarks
+
+    yaml_benchmarks = {}
+    if ecfg.benchmark_files:
+        yaml_benchmarks = load_yaml_benchmarks([project_path(p) for p in ecfg.benchmark_files], data_root=ecfg.data_root)
+    out = {}
+    for name, bcfg in ecfg.benchmarks.items():
+        if name in BUILTIN_BENCHMARKS:
+            out[name] = BUILTIN_BENCHMARKS[name](ecfg.data_root, bcfg.limit, bcfg.seed, **bcfg.options)
+        elif name in yaml_benchmarks:
+            bench = yaml_benchmarks[name]
+            bench.limit, bench.seed = bcfg.limit, bcfg.seed
+            out[name] = bench
+        else:
+            known = sorted(set(BUILTIN_BENCHMARKS) | set(yaml_benchmarks))
+            raise KeyError(f"evaluate.benchmarks: unknown benchmark '{name}' (known: {', '.join(known)})")
+    return out
+
+
+class SystemFactory:
+    """Builds a system's ChatModel from the upstream stages' outputs; loads each base model once."""
+
+    def __init__(self, ctx):
+        self.ctx, self.cfg = ctx, ctx.cfg
+        self._persona = None
+        self._fuse = None
+
+    def check(self, systems: list[str]) -> None:
+        """Fail before any work if a system needs a stage the pipeline did not run."""
+        for name in systems:
+            spec: SystemSpec = registry.SYSTEMS.get(name)
+            needs = [spec.adapters] if spec.adapters else []
+            needs += ["router"] if spec.needs_router or spec.gates in ("uniform", "oracle") else []
+            missing = [s for s in needs if s not in self.ctx.outputs]
+            if missing:
+                raise RuntimeError(f"system '{name}' needs stage(s) {missing} earlier in `stages`")
+
+    def __call__(self, name: str) -> ChatModel:
+        spec: SystemSpec = registry.SYSTEMS.get(name)
+        prompt = self.cfg.evaluate.persona_prompt if spec.persona_prompt else None
+        bs = self.cfg.evaluate.batch_size
+        if spec.adapters is None:
+            model, tok = self._persona_model()
+            return ChatModel(model, tok, None, prompt, bs)
+        if spec.adapters == "sft_baseline":
+            model, tok = self._single_lora(self.ctx.outputs["sft_baseline"]["adapters"])
+            return ChatModel(model, tok, lambda convs: torch.ones(len(convs), 1), prompt, bs)
+        fuse = self._personafuse()
+        return ChatModel(fuse.persona_model, fuse.tokenizer, self._gate_fn(spec, fuse), prompt, bs)
+
+    def _persona_model(self):
+        """Base systems reuse the ten-expert model with gates off (exactly the base model)."""
+        if "adapter_sft" in self.ctx.outputs and "router" in self.ctx.outputs:
+            fuse = self._personafuse()
+            return fuse.persona_model, fuse.tokenizer
+        if self._persona is None:
+            from lightning_modules.components.base_model import load_base_model, pick_device
+
+            m = self.cfg.model
+            model, tok = load_base_model(m.name_or_path, m.dtype, m.trust_remote_code, m.revision)
+            self._persona = (model.to(pick_device(m.device)), tok)
+        return self._persona
+
+    def _personafuse(self):
+        if self._fuse is None:
+            self._fuse = load_personafuse(self.cfg, self.ctx.outputs)
+        return self._fuse
+
+    def _single_lora(self, adapters_dir: str):
+        from lightning_modules.components.base_model import load_base_model, pick_device
+        from lightning_modules.components.persona_lora import PersonaLoRAModel
+
+        m, lora = self.cfg.model, self.cfg.lora
+        base, tok = load_base_model(m.name_or_path, m.dtype, m.trust_remote_code, m.revision)
+        model = PersonaLoRAModel(base, ["sft"], lora.r, lora.alpha, 0.0, lora.target_modules)
+        model.load_peft("sft", Path(adapters_dir) / "sft")
+        return model.to(pick_device(m.device)).eval(), tok
+
+    def _gate_fn(self, spec: SystemSpec, fuse):
+        from lightning_modules.evaluate_gates import gate_function
+
+        return gate_function(spec, fuse, self.cfg)
+
+
+def load_personafuse(cfg, outputs: dict):
+    """Experts from adapter_sft + router from the router stage, on the configured device."""
+    from datamodules.personas import load_personas
+    from lightning_modules.components.base_model import load_base_model, pick_device
+    from lightning_modules.components.persona_lora import PersonaLoRAModel
+    from lightning_modules.components.personafuse import PersonaFuse
+    from lightning_modules.components.router import load_router
+
+    m, lora = cfg.model, cfg.lora
+    personas = load_personas(project_path(cfg.personas.file))
+    base, tok = load_base_model(m.name_or_path, m.dtype, m.trust_remote_code, m.revision)
+    model = PersonaLoRAModel(base, personas.ids, lora.r, lora.alpha, 0.0, lora.target_modules)
+    for pole in personas.ids:
+        model.load_peft(pole, Path(outputs["adapter_sft"]["adapters"]) / pole)
+    model.to(pick_device(m.device)).eval()
+    router, meta = load_router(Path(outputs["router"]["router"]))
+    return PersonaFuse(model, tok, router.to(pick_device(m.device)), meta)
+
+
+def run(ctx) -> dict:
+    ecfg = ctx.cfg.evaluate
+    factory = SystemFactory(ctx)
+    factory.check(ecfg.systems)
+    benchmarks = build_benchmarks(ecfg)
+    jobs = [EvalJob(s, b) for s in ecfg.systems for b in benchmarks]
+    module = EvaluateModule(factory, benchmarks, ctx.stage_dir / "jobs", ecfg.batch_size)
+    trainer = L.Trainer(accelerator=ctx.cfg.trainer.accelerator, devices=1, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, inference_mode=True)
+    loader = DataLoader(jobs, batch_size=None, shuffle=False)
+    results = trainer.predict(module, loader)
+    by_system = _group(results)
+    downstream = {}
+    if ecfg.judge.enabled:
+        from lightning_modules.evaluate_judge import judge_downstream
+
+        downstream = judge_downstream(ctx, factory, ecfg.systems)
+    for system, metrics in downstream.items():
+        by_system.setdefault(system, {"metrics": {}, "records": {}, "gates": []})["metrics"].update(metrics)
+    run_ids = _log_systems(ctx, by_system)
+    table = log_comparison(ctx, {s: v["metrics"] for s, v in by_system.items()}, HEADLINE_METRICS)
+    return {"systems": run_ids, "table": str(table)}
+
+
+def _group(results: list[dict]) -> dict[str, dict]:
+    grouped: dict[str, dict] = {}
+    for r in results:
+        entry = grouped.setdefault(r["system"], {"metrics": {}, "records": {}, "gates": []})
+        entry["metrics"].update(r["metrics"])
+        entry["records"][r["benchmark"]] = r["records"]
+        entry["gates"] += r["gates"]
+    return grouped
+
+
+def _log_systems(ctx, by_system: dict) -> dict[str, str]:
+    """One MLflow child run per system (same metric keys, tag system=<name>); reused on resume."""
+    state_file = ctx.stage_dir / "system_runs.json"
+    run_ids: dict[str, str] = read_json(state_file) or {}
+    for system, entry in by_system.items():
+        if system not in run_ids:
+            tags = {"stage": "evaluate", "system": system, "base_model": ctx.cfg.model.name_or_path,
+                    "git_commit": tracking.git_commit()}
+            run_ids[system] = tracking.start_run(ctx.tracking_uri, ctx.experiment_id, f"evaluate:{system}", tags, ctx.run_id)
+            atomic_write_text(state_file, json.dumps(run_ids))
+        _log_one_system(ctx, run_ids[system], system, entry)
+    return run_ids
+
+
+def _log_one_system(ctx, run_id: str, system: str, entry: dict) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(ctx.tracking_uri)
+    sub = type(ctx)(**{**ctx.__dict__, "run_id": run_id})
+    sub.log_metrics(entry["metrics"])
+    folder = ctx.stage_dir / "records" / system
+    for bench, records in entry["records"].items():
+        write_jsonl(folder / f"{bench}.jsonl", records)
+    if entry["gates"]:
+        atomic_write_text(folder / "gates.json", json.dumps(entry["gates"]))
+    if folder.exists():
+        client.log_artifacts(run_id, str(folder), "records")
+    client.set_terminated(run_id, "FINISHED")

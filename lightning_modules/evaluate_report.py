@@ -1,0 +1,131 @@
+"""The reviewer's view of an evaluation: comparison table, benchmark bars, Big Five profiles.
+
+Written into the evaluate stage folder and logged to its MLflow run; the table is also printed.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from datamodules.io import atomic_write_bytes, atomic_write_text
+
+TRAITS = ("openness", "conscientiousness", "extraversion", "agreeableness", "neuroticism")
+
+
+def comparison_rows(metrics: dict[str, dict[str, float]], headline: Sequence[str]) -> tuple[list[str], list[list]]:
+    """Headline keys first (those present), then every other key any system reported."""
+    present = {k for m in metrics.values() for k in m}
+    keys = [k for k in headline if k in present] + sorted(present - set(headline))
+    rows = [[system] + [metrics[system].get(k) for k in keys] for system in metrics]
+    return keys, rows
+
+
+def log_comparison(ctx, metrics: dict[str, dict[str, float]], headline: Sequence[str]) -> Path:
+    import mlflow
+
+    keys, rows = comparison_rows(metrics, headline)
+    folder = ctx.stage_dir
+    atomic_write_text(folder / "comparison.csv", _csv(["system"] + keys, rows))
+    md = folder / "comparison.md"
+    atomic_write_text(md, _markdown(["system"] + keys, rows))
+    client = mlflow.MlflowClient(ctx.tracking_uri)
+    client.log_table(ctx.run_id, {"system": [r[0] for r in rows], **{k: [r[i + 1] for r in rows] for i, k in enumerate(keys)}},
+                     artifact_file="comparison_table.json")
+    for path in (folder / "comparison.csv", md, plot_benchmarks(metrics, keys, folder / "benchmarks_by_system.png"),
+                 plot_big_five(metrics, folder / "big_five_by_system.png")):
+        if path is not None:
+            ctx.log_artifact(path)
+    _print(["system"] + [k for k in keys if k in headline], [[r[0]] + [r[i + 1] for i, k in enumerate(keys) if k in headline] for r in rows])
+    return md
+
+
+def _fmt(value) -> str:
+    return "—" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _csv(header: list[str], rows: list[list]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows([[r[0]] + ["" if v is None else v for v in r[1:]] for r in rows])
+    return buffer.getvalue()
+
+
+def _markdown(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join([r[0]] + [_fmt(v) for v in r[1:]]) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _print(header: list[str], rows: list[list]) -> None:
+    table = Table(title="PersonaFuse evaluation", show_lines=False)
+    for h in header:
+        table.add_column(h, justify="right" if h != "system" else "left", overflow="fold")
+    for r in rows:
+        table.add_row(r[0], *[_fmt(v) for v in r[1:]])
+    Console(width=max(120, 14 * len(header))).print(table)
+
+
+def _figure_bytes(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def plot_benchmarks(metrics: dict[str, dict[str, float]], keys: Sequence[str], path: Path) -> Path | None:
+    """One small panel per benchmark metric (scales differ), one bar per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [k for k in keys if not k.startswith("mpi/") and "/" in k and k.count("/") == 1][:12]
+    if not shown:
+        return None
+    systems = list(metrics)
+    cols = min(4, len(shown))
+    rows = (len(shown) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    colors = plt.cm.tab10.colors
+    for ax, key in zip(axes.flat, shown):
+        values = [metrics[s].get(key) or 0.0 for s in systems]
+        ax.bar(range(len(systems)), values, color=[colors[i % 10] for i in range(len(systems))])
+        ax.set_title(key, fontsize=9)
+        ax.set_xticks(range(len(systems)), systems, rotation=45, ha="right", fontsize=7)
+    for ax in list(axes.flat)[len(shown):]:
+        ax.axis("off")
+    atomic_write_bytes(path, _figure_bytes(fig))
+    return path
+
+
+def plot_big_five(metrics: dict[str, dict[str, float]], path: Path) -> Path | None:
+    """MPI-120 trait scores (1–5) per system as grouped bars: does each system show the profile we want?"""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = [s for s in metrics if any(f"mpi/{t}" in metrics[s] for t in TRAITS)]
+    if not systems:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    width = 0.8 / len(systems)
+    for i, system in enumerate(systems):
+        values = [metrics[system].get(f"mpi/{t}", 0.0) for t in TRAITS]
+        ax.bar([j + i * width for j in range(len(TRAITS))], values, width, label=system)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(TRAITS))], TRAITS)
+    ax.set_ylim(1, 5)
+    ax.set_ylabel("MPI-120 score (1–5)")
+    ax.set_title("Big Five profile by system")
+    ax.legend(fontsize=7, ncol=min(4, len(systems)))
+    atomic_write_bytes(path, _figure_bytes(fig))
+    return path
