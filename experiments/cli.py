@@ -1,6 +1,7 @@
 """The `personafuse` command: run pipelines, sweeps, the MLflow UI, chat, benchmark data.
 
     personafuse run experiments/quickstart.yaml [key=value ...]
+    personafuse sweep sweeps/smoke_grid.yaml [--launcher local|slurm] [--dry-run]
     personafuse ui
 """
 from __future__ import annotations
@@ -64,8 +65,26 @@ def _build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--tracking-uri", default=None, help="store (default: $MLFLOW_TRACKING_URI or mlruns/mlflow.db)")
     ui.set_defaults(handler=_cmd_ui)
 
+    sweep = sub.add_parser("sweep", help="run many trials of an experiment (grid, random or TPE search)",
+                           description=_SWEEP_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sweep.add_argument("sweep_file", metavar="SWEEP.yaml", help="sweep file, e.g. sweeps/smoke_grid.yaml")
+    sweep.add_argument("overrides", nargs="*", help="key=value overrides of the sweep file, e.g. launcher.parallel=2")
+    sweep.add_argument("--launcher", choices=["local", "slurm"], default=None,
+                       help="where trials run (default: the file's launcher.kind)")
+    sweep.add_argument("--dry-run", action="store_true",
+                       help="print every trial's overrides and command (or sbatch script); run and create nothing")
+    sweep.set_defaults(handler=_cmd_sweep)
+
     reg = sub.add_parser("list", help="list registered stages, systems, benchmarks, teachers, launchers")
     reg.set_defaults(handler=_cmd_list)
+
+    chat = sub.add_parser("chat", help="chat in the terminal with a trained PersonaFuse model",
+                          description="Interactive chat; each turn shows the poles the router activated.")
+    chat.add_argument("source", metavar="RUN_OR_FOLDER",
+                      help="a PersonaFuse folder (personafuse.json) or a pipeline output_dir, e.g. outputs/quickstart")
+    chat.add_argument("--max-new-tokens", type=int, default=160, help="reply budget (default 160)")
+    chat.add_argument("--top", type=int, default=3, help="activated poles shown per turn (default 3)")
+    chat.set_defaults(handler=_cmd_chat)
     return parser
 
 
@@ -74,6 +93,32 @@ then run each stage in `stages` as an MLflow child run of one pipeline run.
 
 Rerunning the same command skips finished stages whose config is unchanged and
 resumes interrupted ones. See `personafuse config` for every key."""
+
+
+_SWEEP_HELP = """Run a sweep: one `personafuse run` per trial of a base experiment, each trial's
+pipeline run a child of one MLflow sweep run (experiment = the sweep's name).
+
+The sweep file lists: base (experiment YAML), overrides (shared key=value),
+parameters (key -> list of values for a grid; or method: random|tpe, trials: N,
+seed, key -> {low, high, log} or {choices: [...]}), objective (an MLflow metric,
+direction maximize|minimize, optional stage), launcher (kind local|slurm,
+parallel; slurm: partition, nodes, gpus_per_node, cpus_per_task, time_min,
+account, mem_gb, extra_sbatch, setup, array).
+
+Relaunching the same command skips finished trials and reruns failed ones.
+At the end the trials are ranked by the objective (printed, trials.csv/.md).
+Exit status: 0 when every trial finished, 1 when some failed."""
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from experiments.sweep import SweepLocked, load_sweep, run_sweep
+
+    sweep = load_sweep(args.sweep_file, args.overrides, args.launcher)
+    try:
+        return run_sweep(sweep, dry_run=args.dry_run)
+    except SweepLocked as err:
+        console.print(f"[bold red]error:[/] {err}")
+        return 2
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -111,6 +156,12 @@ def _cmd_ui(args: argparse.Namespace) -> int:
         cmd += ["--default-artifact-root", root]
     console.print(f"serving {uri} on http://{args.host}:{args.port} (Ctrl-C to stop)")
     return subprocess.call(cmd, env=os.environ.copy())
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from experiments.chat import chat_loop
+
+    return chat_loop(args.source, args.max_new_tokens, args.top)
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

@@ -119,7 +119,7 @@ class TeacherConfig:
     max_new_tokens: int = 96
     """Token budget per generated answer."""
     batch_size: int = 8
-    """Local teacher: prompts per generation batch."""
+    """Local teacher: prompts per generate call; datagen: also situations per predict batch (its seed and resume unit)."""
 
 
 @dataclass

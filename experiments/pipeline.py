@@ -22,6 +22,9 @@ from datamodules.io import atomic_write_text, read_json
 
 console = Console(stderr=True, soft_wrap=True)
 
+PARENT_RUN_ENV = "PERSONAFUSE_PARENT_RUN_ID"
+"""Environment variable naming the MLflow run a NEW pipeline run becomes a child of (set by `personafuse sweep`)."""
+
 
 class PipelineLocked(RuntimeError):
     """Another pipeline is writing to the same output folder."""
@@ -147,7 +150,8 @@ def _resume_or_start(state_file: Path, uri: str, exp_id: str, name: str, tags: d
                 return run_id
         except Exception:  # the store was reset: start over
             pass
-    run_id = tracking.start_run(uri, exp_id, name, tags)
+    # `personafuse sweep` sets PERSONAFUSE_PARENT_RUN_ID so each trial nests under the sweep run.
+    run_id = tracking.start_run(uri, exp_id, name, tags, os.environ.get(PARENT_RUN_ENV) or None)
     atomic_write_text(state_file, json.dumps({"run_id": run_id, "tracking_uri": uri}))
     return run_id
 

@@ -76,6 +76,9 @@ ENCODERS.add("minilm", "minilm", "the bundled all-MiniLM-L6-v2 sentence encoder"
 TEACHERS.add("local", "local", "a transformers model through Lightning's predict loop")
 TEACHERS.add("openai", "openai", "any OpenAI-compatible chat-completions endpoint")
 
+LAUNCHERS.add("local", "experiments.sweep:LocalLauncher", "sweep trials as subprocesses on this machine (parallel: N at once)")
+LAUNCHERS.add("slurm", "experiments.sweep:SlurmLauncher", "one SLURM job per sweep trial (or a job array) through submitit")
+
 
 def register_builtin_entries() -> None:
     """Stages, systems and benchmarks that exist; each later module adds one line here."""

@@ -21,6 +21,8 @@ class SystemSpec:
     """Prepend the direct persona-prompting system prompt."""
     drop_trait: Optional[str] = None
     """Zero the gates of both poles of this trait (the no_<trait> ablations)."""
+    pole: Optional[str] = None
+    """With gates=pole: switch on this one expert alone (the expert_<pole> trait checks)."""
 
     @property
     def needs_router(self) -> bool:
@@ -42,4 +44,7 @@ def builtin_systems() -> dict[str, SystemSpec]:
     for trait in BIG_FIVE:
         systems[f"no_{trait}"] = SystemSpec(f"router gates with both {trait} poles off (ablation)",
                                             adapters="adapter_sft", gates="router", drop_trait=trait)
+        for pole in ("high", "low"):
+            systems[f"expert_{trait}_{pole}"] = SystemSpec(f"only the {trait}_{pole} expert, gate 1 (trait check)",
+                                                           adapters="adapter_sft", gates="pole", pole=f"{trait}_{pole}")
     return systems

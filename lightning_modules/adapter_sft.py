@@ -19,7 +19,9 @@ from torchmetrics import MeanMetric
 from datamodules.personas import load_personas
 from datamodules.sft import IGNORE_INDEX, PersonaSFTDataModule, SFTRecord, load_sft_records, persona_example_records
 from experiments.config import project_path, project_root
-from lightning_modules.common import build_trainer, last_checkpoint, persona_model_factory, seed_everything
+from lightning_modules.common import (
+    build_trainer, gathered_parameters, last_checkpoint, persona_model_factory, seed_everything, zero3_model_init,
+)
 
 
 class AdapterSFTModule(L.LightningModule):
@@ -37,7 +39,8 @@ class AdapterSFTModule(L.LightningModule):
     def configure_model(self) -> None:
         # Built here, not in __init__, so DeepSpeed ZeRO-3 can shard it as it is created.
         if self.model is None:
-            self.model = self.model_factory()
+            with zero3_model_init(self._trainer.strategy if self._trainer is not None else None):
+                self.model = self.model_factory()
 
     def training_step(self, batch, batch_idx):
         loss, _, _ = self._step(batch)
@@ -95,9 +98,12 @@ def train_experts(ctx, records: list[SFTRecord], expert_names: Sequence[str]) ->
     trainer.fit(module, datamodule=data, ckpt_path=resume)
     after = _val_losses(trainer.validate(module, datamodule=data, verbose=False))
     adapters = ctx.stage_dir / "adapters"
+    experts = [p for layer in module.model.persona_layers() for p in (layer.lora_A, layer.lora_B)]
+    with gathered_parameters(trainer.strategy, experts):  # ZeRO-3: whole experts on every rank
+        if trainer.is_global_zero:
+            for name in expert_names:
+                module.model.export_peft(name, adapters / name, cfg.model.name_or_path)
     if trainer.is_global_zero:
-        for name in expert_names:
-            module.model.export_peft(name, adapters / name, cfg.model.name_or_path)
         ctx.log_artifact(adapters, "adapters")
     return {"adapters": str(adapters), "experts": list(expert_names), "steps": int(trainer.global_step),
             "val_loss_before": before, "val_loss_after": after, "train_records": len(records)}

@@ -4,8 +4,9 @@ Stages share these functions rather than a base class.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import lightning as L
 import torch
@@ -43,6 +44,48 @@ def build_strategy(name: str, accelerator: str):
         config = yaml.safe_load((project_root() / target).read_text())
         return DeepSpeedStrategy(config=config)
     return target
+
+
+def is_zero3(strategy) -> bool:
+    """Whether parameters are partitioned across ranks (DeepSpeed ZeRO stage 3)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
+
+
+@contextmanager
+def gathered_parameters(strategy, params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
+    """Full values of ZeRO-3-partitioned parameters inside the block (to export adapters); a no-op otherwise.
+
+    Under ZeRO-3 this is a collective: every rank must enter it, not only the one that writes files.
+    """
+    if not is_zero3(strategy):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(params), modifier_rank=None):
+        yield
+
+
+@contextmanager
+def zero3_model_init(strategy) -> Iterator[None]:
+    """Let `from_pretrained` load real weights into ZeRO-3 shards inside `configure_model`.
+
+    Lightning runs configure_model under deepspeed.zero.Init; transformers only loads a checkpoint
+    into partitioned parameters while a stage-3 HfDeepSpeedConfig is alive. Without it, loading
+    fails in the model's weight init on the already-partitioned (empty) embedding.
+    """
+    if not is_zero3(strategy):
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    alive = HfDeepSpeedConfig(strategy.config)  # transformers keeps only a weak reference
+    try:
+        yield
+    finally:
+        del alive
 
 
 def build_trainer(

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.io import atomic_write_text, read_json, write_jsonl
+from datamodules.personas import load_personas
 from experiments import registry, tracking
 from experiments.config import project_path
 from experiments.systems import SystemSpec
@@ -96,6 +97,7 @@ class SystemFactory:
     def __init__(self, ctx):
         self.ctx, self.cfg = ctx, ctx.cfg
         self._persona = None
+        self._experts_model = None
         self._fuse = None
 
     def check(self, systems: list[str]) -> None:
@@ -104,6 +106,7 @@ class SystemFactory:
             spec: SystemSpec = registry.SYSTEMS.get(name)
             needs = [spec.adapters] if spec.adapters else []
             needs += ["router"] if spec.needs_router or spec.gates in ("uniform", "oracle") else []
+            needs = list(dict.fromkeys(needs))
             missing = [s for s in needs if s not in self.ctx.outputs]
             if missing:
                 raise RuntimeError(f"system '{name}' needs stage(s) {missing} earlier in `stages`")
@@ -116,16 +119,20 @@ class SystemFactory:
             model, tok = self._persona_model()
             return ChatModel(model, tok, None, prompt, bs)
         if spec.adapters == "sft_baseline":
-            model, tok = self._single_lora(self.ctx.outputs["sft_baseline"]["adapters"])
+            model, tok = load_experts(self.cfg, self.ctx.outputs["sft_baseline"]["adapters"], ["sft"])
             return ChatModel(model, tok, lambda convs: torch.ones(len(convs), 1), prompt, bs)
+        if spec.gates == "pole":
+            model, tok = self._experts()
+            index = model.expert_names.index(spec.pole)
+            gates = lambda convs: torch.nn.functional.one_hot(torch.full((len(convs),), index), model.num_experts).float()  # noqa: E731
+            return ChatModel(model, tok, gates, prompt, bs)
         fuse = self._personafuse()
         return ChatModel(fuse.persona_model, fuse.tokenizer, self._gate_fn(spec, fuse), prompt, bs)
 
     def _persona_model(self):
         """Base systems reuse the ten-expert model with gates off (exactly the base model)."""
-        if "adapter_sft" in self.ctx.outputs and "router" in self.ctx.outputs:
-            fuse = self._personafuse()
-            return fuse.persona_model, fuse.tokenizer
+        if "adapter_sft" in self.ctx.outputs:
+            return self._experts()
         if self._persona is None:
             from lightning_modules.components.base_model import load_base_model, pick_device
 
@@ -134,20 +141,22 @@ class SystemFactory:
             self._persona = (model.to(pick_device(m.device)), tok)
         return self._persona
 
+    def _experts(self):
+        """The ten-expert model with the adapter_sft adapters, loaded once."""
+        if self._experts_model is None:
+            personas = load_personas(project_path(self.cfg.personas.file))
+            self._experts_model = load_experts(self.cfg, self.ctx.outputs["adapter_sft"]["adapters"], personas.ids)
+        return self._experts_model
+
     def _personafuse(self):
         if self._fuse is None:
-            self._fuse = load_personafuse(self.cfg, self.ctx.outputs)
+            from lightning_modules.components.personafuse import PersonaFuse
+            from lightning_modules.components.router import load_router
+
+            model, tok = self._experts()
+            router, meta = load_router(Path(self.ctx.outputs["router"]["router"]))
+            self._fuse = PersonaFuse(model, tok, router.to(next(model.parameters()).device), meta)
         return self._fuse
-
-    def _single_lora(self, adapters_dir: str):
-        from lightning_modules.components.base_model import load_base_model, pick_device
-        from lightning_modules.components.persona_lora import PersonaLoRAModel
-
-        m, lora = self.cfg.model, self.cfg.lora
-        base, tok = load_base_model(m.name_or_path, m.dtype, m.trust_remote_code, m.revision)
-        model = PersonaLoRAModel(base, ["sft"], lora.r, lora.alpha, 0.0, lora.target_modules)
-        model.load_peft("sft", Path(adapters_dir) / "sft")
-        return model.to(pick_device(m.device)).eval(), tok
 
     def _gate_fn(self, spec: SystemSpec, fuse):
         from lightning_modules.evaluate_gates import gate_function
@@ -155,23 +164,17 @@ class SystemFactory:
         return gate_function(spec, fuse, self.cfg)
 
 
-def load_personafuse(cfg, outputs: dict):
-    """Experts from adapter_sft + router from the router stage, on the configured device."""
-    from datamodules.personas import load_personas
+def load_experts(cfg, adapters_dir: str, expert_names: list[str]):
+    """(PersonaLoRAModel holding each expert's exported PEFT adapter, tokenizer) on the configured device."""
     from lightning_modules.components.base_model import load_base_model, pick_device
     from lightning_modules.components.persona_lora import PersonaLoRAModel
-    from lightning_modules.components.personafuse import PersonaFuse
-    from lightning_modules.components.router import load_router
 
     m, lora = cfg.model, cfg.lora
-    personas = load_personas(project_path(cfg.personas.file))
     base, tok = load_base_model(m.name_or_path, m.dtype, m.trust_remote_code, m.revision)
-    model = PersonaLoRAModel(base, personas.ids, lora.r, lora.alpha, 0.0, lora.target_modules)
-    for pole in personas.ids:
-        model.load_peft(pole, Path(outputs["adapter_sft"]["adapters"]) / pole)
-    model.to(pick_device(m.device)).eval()
-    router, meta = load_router(Path(outputs["router"]["router"]))
-    return PersonaFuse(model, tok, router.to(pick_device(m.device)), meta)
+    model = PersonaLoRAModel(base, expert_names, lora.r, lora.alpha, 0.0, lora.target_modules)
+    for name in expert_names:
+        model.load_peft(name, Path(adapters_dir) / name)
+    return model.to(pick_device(m.device)).eval(), tok
 
 
 def run(ctx) -> dict:

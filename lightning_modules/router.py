@@ -24,6 +24,7 @@ from datamodules.personas import load_personas
 from datamodules.situations import Situation, load_situations, split_situations
 from experiments.config import RouterConfig, config_hash, project_path, to_container
 from lightning_modules.common import build_trainer, seed_everything
+from lightning_modules.components.personafuse import assemble_folder
 from lightning_modules.components.router import Router, build_encoder, normalise_gates, router_loss, save_router
 
 
@@ -149,7 +150,12 @@ def run(ctx) -> dict:
     heatmap = plot_gate_heatmap(gates, [s.domain for s in ordered], personas.ids, ctx.stage_dir / "gates_by_domain.png")
     ctx.log_artifact(folder, "router")
     ctx.log_artifact(heatmap)
-    return {"router": str(folder), "test": test, "splits": {n: len(v) for n, v in splits.items()}}
+    result = {"router": str(folder), "test": test, "splits": {n: len(v) for n, v in splits.items()}}
+    if "adapter_sft" in ctx.outputs:  # experts + router as one loadable folder (`personafuse chat`)
+        lora = {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "target_modules": list(cfg.lora.target_modules)}
+        result["personafuse"] = str(assemble_folder(ctx.stage_dir / "personafuse", Path(ctx.outputs["adapter_sft"]["adapters"]),
+                                                    folder, cfg.model.name_or_path, personas.ids, lora))
+    return result
 
 
 def _router_meta(rc: RouterConfig, expert_names: list[str], dim: int) -> dict:

@@ -149,6 +149,7 @@ class PersonaFuse(nn.Module):
 
     @classmethod
     def load(cls, folder: str | Path, dtype: str = "float32", device: str = "cpu") -> "PersonaFuse":
+        """Base model (by name), the PEFT adapters and the router from one saved folder."""
         from lightning_modules.components.base_model import load_base_model
 
         folder = Path(folder)
@@ -164,3 +165,25 @@ class PersonaFuse(nn.Module):
         router, router_meta = load_router(folder / "router")
         model.to(device).eval()
         return cls(model, tok, router.to(device), router_meta)
+
+
+def assemble_folder(dest: Path, adapters_dir: Path, router_dir: Path, base_model: str, experts: list[str], lora: dict) -> Path:
+    """Copy trained adapters and router into one PersonaFuse folder, atomically (tmp dir, then rename)."""
+    import shutil
+    import tempfile
+
+    from datamodules.io import atomic_write_text
+
+    dest = Path(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        for name in experts:
+            shutil.copytree(Path(adapters_dir) / name, tmp / "adapters" / name)
+        shutil.copytree(router_dir, tmp / "router")
+        atomic_write_text(tmp / "personafuse.json", json.dumps({"base_model": base_model, "experts": experts, "lora": lora}, indent=2))
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest

@@ -1,0 +1,51 @@
+"""A killed training stage resumes from its last checkpoint, finishes with the same step count,
+and continues the same MLflow runs instead of creating duplicates."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cmd(out: Path, uri: str) -> list[str]:
+    return [sys.executable, "-m", "experiments.cli", "run", str(ROOT / "experiments/smoke.yaml"),
+            "stages=[adapter_sft]", "trainer.max_steps=8", "trainer.checkpoint_every_n_steps=2",
+            "adapter_sft.batch_size=4", f"output_dir={out}", f"tracking.tracking_uri={uri}"]
+
+
+def test_kill_9_during_sft_then_resume(tmp_path):
+    import mlflow
+
+    out, uri = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.Popen(_cmd(out, uri), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / "adapter_sft" / "checkpoints" / "step=4.ckpt"
+    deadline = time.time() + 240
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert ckpt.exists(), "no checkpoint appeared before the kill"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    state = json.loads((out / "adapter_sft" / "state.json").read_text())
+    assert state["complete"] is False
+    done = subprocess.run(_cmd(out, uri), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    final = json.loads((out / "adapter_sft" / "state.json").read_text())
+    assert final["complete"] and final["result"]["steps"] == 8
+    assert final["run_id"] == state["run_id"]  # the same MLflow stage run continued
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert len(runs) == 2  # one pipeline run + one adapter_sft run, no duplicates
+    # the checkpoint holds only the experts, not the frozen base model
+    import torch
+
+    sd = torch.load(ckpt if ckpt.exists() else out / "adapter_sft/checkpoints/last.ckpt", weights_only=False)["state_dict"]
+    assert sd and all(".lora_" in k for k in sd)

@@ -1,0 +1,95 @@
+"""experiments/smoke.yaml end to end on the tiny model: the MLflow store a reviewer will browse."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from experiments.config import load_config
+from experiments.pipeline import run_pipeline
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("smoke")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    cfg = load_config(ROOT / "experiments/smoke.yaml", [f"output_dir={tmp / 'out'}", f"tracking.tracking_uri={uri}"])
+    results = run_pipeline(cfg)
+    return cfg, uri, results, tmp
+
+
+def _client(uri):
+    import mlflow
+
+    return mlflow.MlflowClient(uri)
+
+
+def test_run_hierarchy_and_metric_keys(smoke_run):
+    cfg, uri, results, _ = smoke_run
+    client = _client(uri)
+    exp = client.get_experiment_by_name("smoke")
+    runs = client.search_runs([exp.experiment_id])
+    pipeline = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
+    assert len(pipeline) == 1
+    parent_id = pipeline[0].info.run_id
+    stages = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id}
+    assert set(stages) == set(cfg.stages)
+    assert pipeline[0].data.params["model.name_or_path"] == "tiny-random-llama"
+    artifacts = {a.path for a in client.list_artifacts(parent_id)}
+    assert "config.yaml" in artifacts
+    eval_id = stages["evaluate"].info.run_id
+    systems = {r.data.tags["system"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == eval_id}
+    assert set(systems) == set(cfg.evaluate.systems)
+    keys = {"eq_bench/score", "eq_bench/parsed", "emobench_eu/accuracy", "emobench_ea/accuracy", "gsm8k/accuracy",
+            "mmlu/accuracy", "xstest/unsafe_compliance_rate", "downstream/judge_score"}
+    keys |= {f"mpi/{t}" for t in ("openness", "conscientiousness", "extraversion", "agreeableness", "neuroticism")}
+    for name, run in systems.items():
+        assert keys <= set(run.data.metrics), f"{name} lacks {keys - set(run.data.metrics)}"
+    eval_artifacts = {a.path for a in client.list_artifacts(eval_id)}
+    assert {"comparison.csv", "comparison.md", "benchmarks_by_system.png", "big_five_by_system.png",
+            "comparison_table.json"} <= eval_artifacts
+
+
+def test_records_rescore_to_logged_metrics(smoke_run):
+    from lightning_modules.evaluate import build_benchmarks
+
+    cfg, uri, results, tmp = smoke_run
+    benchmarks = build_benchmarks(cfg.evaluate)
+    client = _client(uri)
+    for system, run_id in results["evaluate"]["systems"].items():
+        logged = client.get_run(run_id).data.metrics
+        for name, bench in benchmarks.items():
+            records = [json.loads(line) for line in (Path(cfg.output_dir) / "evaluate" / "records" / system / f"{name}.jsonl").open()]
+            for key, value in bench.score_records(records).items():
+                assert logged[key] == pytest.approx(value), (system, key)
+
+
+def test_rerun_skips_every_stage(smoke_run, capsys):
+    cfg, uri, results, _ = smoke_run
+    again = run_pipeline(cfg)
+    assert again["evaluate"]["systems"] == results["evaluate"]["systems"]
+    assert len(_client(uri).search_runs([_client(uri).get_experiment_by_name("smoke").experiment_id])) == \
+        1 + len(cfg.stages) + len(cfg.evaluate.systems)
+
+
+def test_router_heatmap_and_adapters_exist(smoke_run):
+    cfg, _, results, _ = smoke_run
+    out = Path(cfg.output_dir)
+    assert (out / "router" / "gates_by_domain.png").stat().st_size > 1000
+    for pole in results["adapter_sft"]["experts"]:
+        assert (out / "adapter_sft" / "adapters" / pole / "adapter_model.safetensors").stat().st_size > 0
+
+
+def test_chat_shows_activated_poles(smoke_run):
+    import subprocess
+    import sys
+
+    cfg, _, _, _ = smoke_run
+    proc = subprocess.run([sys.executable, "-m", "experiments.cli", "chat", cfg.output_dir, "--max-new-tokens", "4"],
+                          input="My cat died today.\n\n", capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "poles:" in proc.stdout and "bot>" in proc.stdout
