@@ -14,6 +14,8 @@ from typing import Any, Iterable, Iterator, Optional
 from rich.console import Console
 
 console = Console(stderr=True, soft_wrap=True)
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class DataError(ValueError):
@@ -24,6 +26,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; shared cluster folders want the usual mode
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

@@ -44,7 +44,14 @@ class StageContext:
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Results of the stages that ran before this one, by stage id."""
 
+    @property
+    def is_rank_zero(self) -> bool:
+        """Only rank 0 writes stage outputs and logs; other ranks only train."""
+        return global_rank() == 0
+
     def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
+        if not self.is_rank_zero:
+            return
         import mlflow
 
         client = mlflow.MlflowClient(self.tracking_uri)
@@ -56,6 +63,8 @@ class StageContext:
             client.log_batch(self.run_id, metrics=items[start : start + 500])
 
     def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
+        if not self.is_rank_zero:
+            return
         import mlflow
 
         client = mlflow.MlflowClient(self.tracking_uri)
@@ -65,6 +74,8 @@ class StageContext:
             client.log_artifact(self.run_id, str(path), artifact_path)
 
     def set_tags(self, tags: dict[str, str]) -> None:
+        if not self.is_rank_zero:
+            return
         import mlflow
 
         client = mlflow.MlflowClient(self.tracking_uri)
@@ -85,14 +96,60 @@ def stage_hash(cfg: ExperimentConfig, stage: str, upstream: list[str]) -> str:
     return config_hash({"stage": stage, "config": payload, "upstream": upstream})
 
 
+# Stages whose Trainer spans every process of a multi-device run; the others run on rank 0 only.
+DISTRIBUTED_STAGES = {"adapter_sft", "sft_baseline", "router", "joint"}
+
+
+def global_rank() -> int:
+    """This process's rank when a launcher (Lightning DDP, torchrun, SLURM) started several; else 0."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return int(os.environ.get("NODE_RANK", 0) or 0) + int(os.environ.get("LOCAL_RANK", 0) or 0)
+
+
 def run_pipeline(cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
     """Run every stage in cfg.stages; returns each stage's result dict."""
     for stage in cfg.stages:
         registry.STAGES.get(stage)  # fail before writing anything if a stage is not available
     out = Path(cfg.output_dir)
+    if global_rank() != 0:
+        return _run_follower(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive(out / ".lock"):
         return _run_locked(cfg, out)
+
+
+def _run_follower(cfg: ExperimentConfig, out: Path, poll_s: float = 1.0) -> dict[str, dict[str, Any]]:
+    """A non-zero rank: join the distributed stages rank 0 started; write, lock and log nothing.
+
+    Rank 0 writes each stage's state (hash, MLflow run) before its Trainer starts, so a follower
+    waits for that state, runs the same stage function (its Trainer joins the process group), and
+    waits for rank 0 to finish the stages that run on rank 0 alone.
+    """
+    uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
+    results: dict[str, dict[str, Any]] = {}
+    hashes: list[str] = []
+    for stage in cfg.stages:
+        h = stage_hash(cfg, stage, hashes)
+        state_file = out / stage / "state.json"
+        state = _wait_for(state_file, lambda st: st.get("hash") == h and (stage in DISTRIBUTED_STAGES or st.get("complete")), poll_s)
+        if state.get("complete"):
+            results[stage] = state["result"]
+        else:
+            exp_id = tracking.get_or_create_experiment(cfg.tracking.experiment or cfg.name, uri)
+            ctx = StageContext(cfg, stage, out / stage, out, uri, exp_id, state["run_id"], dict(results))
+            results[stage] = registry.STAGES.get(stage)(ctx) or {}
+        hashes.append(h)
+    return results
+
+
+def _wait_for(path: Path, ready: Callable[[dict], bool], poll_s: float) -> dict:
+    while True:
+        state = read_json(path) or {}
+        if ready(state):
+            return state
+        time.sleep(poll_s)
 
 
 def _run_locked(cfg: ExperimentConfig, out: Path) -> dict[str, dict[str, Any]]:

@@ -1046,7 +1046,7 @@ def ranked_rows(sweep: Sweep, state: SweepState, trial_ids: list[str]) -> list[d
         duration = (rec.get("ended") or 0) - (rec.get("started") or 0)
         rows.append({"rank": rank if rec.get("objective") is not None else None, "trial": tid,
                      "status": rec.get("status"), sweep.spec.objective.metric: rec.get("objective"),
-                     **{k: format_value(v) for k, v in rec.get("params", {}).items()},
+                     **rec.get("params", {}),
                      "duration_s": round(duration, 1) if duration > 0 else None,
                      "pipeline_run_id": rec.get("pipeline_run_id"), "error": rec.get("error")})
     return rows

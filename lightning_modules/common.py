@@ -133,7 +133,7 @@ def build_trainer(
 def last_checkpoint(stage_dir: Path) -> Optional[str]:
     """The checkpoint to resume from, if an earlier attempt of this stage saved one."""
     last = stage_dir / "checkpoints" / "last.ckpt"
-    return str(last) if last.is_file() else None
+    return str(last) if last.exists() else None  # a folder under DeepSpeed, a file otherwise
 
 
 def seed_everything(seed: int) -> None:

@@ -36,7 +36,7 @@ from datamodules.situations import (
     split_situations,
     write_dataset_card,
 )
-from experiments.config import ConfigError, ExperimentConfig, config_hash, project_root, to_container
+from experiments.config import ConfigError, ExperimentConfig, config_hash, project_path, to_container
 from lightning_modules.components.teachers import (
     Generation,
     ParseError,
@@ -371,12 +371,12 @@ class DatagenModule(L.LightningModule):
 def run(ctx) -> dict:
     """Generate (or resume) persona data for cfg.datagen.split, then write and log the datasets."""
     cfg: ExperimentConfig = ctx.cfg
-    personas_path, corpus_path = _path(cfg.personas.file), _path(cfg.data.situations)
+    personas_path, corpus_path = project_path(cfg.personas.file), project_path(cfg.data.situations)
     personas = load_personas(personas_path)
     corpus = load_situations(corpus_path, personas, cfg.data.on_bad_line)
     splits = split_situations(corpus, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
     selected = select_items(_split_items(splits, cfg.datagen.split), cfg.datagen.limit, cfg.datagen.seed)
-    prompts = PromptSet.load(_path(cfg.datagen.prompt_file), cfg.datagen.prompts)
+    prompts = PromptSet.load(project_path(cfg.datagen.prompt_file), cfg.datagen.prompts)
     chash = datagen_hash(cfg, personas_path, corpus_path, prompts)
     items_dir = ctx.stage_dir / "items"
     data = SituationsDataModule(selected, cfg.datagen.teacher.batch_size)
@@ -396,11 +396,6 @@ def run(ctx) -> dict:
     if missing:
         raise RuntimeError(f"datagen finished without items for {', '.join(missing[:5])} (in {items_dir})")
     return _write_outputs(ctx, records, splits, personas, chash, stats)
-
-
-def _path(value: str) -> Path:
-    path = Path(value)
-    return path if path.is_absolute() else project_root() / path
 
 
 def _split_items(splits: dict[str, list[Situation]], name: str) -> list[Situation]:

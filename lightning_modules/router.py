@@ -145,6 +145,8 @@ def run(ctx) -> dict:
     trainer.fit(module, loaders["train"], loaders["val"])
     test = {k: float(v) for k, v in trainer.test(module, loaders["test"], verbose=False)[0].items()}
     folder = ctx.stage_dir / "router"
+    if not ctx.is_rank_zero:
+        return {"router": str(folder), "test": test}
     save_router(router, folder, _router_meta(rc, personas.ids, emb.shape[1]))
     gates = _gates(router, emb, rc)
     heatmap = plot_gate_heatmap(gates, [s.domain for s in ordered], personas.ids, ctx.stage_dir / "gates_by_domain.png")

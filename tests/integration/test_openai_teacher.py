@@ -63,13 +63,18 @@ class Handler(BaseHTTPRequestHandler):
             self.server.auth.add(self.headers.get("Authorization", ""))
             self.server.in_flight += 1
             self.server.max_in_flight = max(self.server.max_in_flight, self.server.in_flight)
+        self.counted = True
         try:
             self._answer(body)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up on the slow reply
             pass
         finally:
-            with self.server.lock:
-                self.server.in_flight -= 1
+            self._uncount()
+
+    def _uncount(self) -> None:
+        with self.server.lock:
+            self.server.in_flight -= self.counted
+            self.counted = False
 
     def _answer(self, body: dict) -> None:
         key = request_key(body["messages"])
@@ -79,7 +84,10 @@ class Handler(BaseHTTPRequestHandler):
         faults = FAULTS.get(key, [])
         fault = faults[attempt] if attempt < len(faults) else None
         if fault == "sleep":
-            time.sleep(1.0)
+            # The client abandons this request at its timeout while the server still sleeps: leave it
+            # out of the in-flight count, which measures the client's concurrency.
+            self._uncount()
+            time.sleep(2.0)
             return self._send(200, completion("late"))
         if fault == "malformed":
             return self._send(200, b"{not json")
@@ -191,7 +199,7 @@ def write_config(folder: Path, base_url: str) -> Path:
         "datagen": {
             "split": "all", "judge": True, "parse_retries": 1,
             "teacher": {"kind": "openai", "base_url": base_url, "model": "fake-teacher", "api_key_env": KEY_ENV,
-                        "max_concurrency": MAX_CONCURRENCY, "timeout_s": 0.5, "max_retries": 3, "backoff_s": 0.01,
+                        "max_concurrency": MAX_CONCURRENCY, "timeout_s": 1.0, "max_retries": 3, "backoff_s": 0.01,
                         "batch_size": 4, "temperature": 0.0},
         },
         "tracking": {"tracking_uri": f"sqlite:///{folder / 'mlflow.db'}"},
