@@ -68,33 +68,38 @@ def encode_example(tokenizer, conversation: list[dict], response: str, max_lengt
 
 
 class SFTDataset(Dataset):
+    """Tokenised examples as dicts: input_ids, labels, and each record's pole index."""
+
     def __init__(self, records: Sequence[SFTRecord], tokenizer, pole_ids: Sequence[str], max_length: int):
         self.items = []
         for rec in records:
             ids, labels = encode_example(tokenizer, rec.conversation(), rec.response, max_length)
-            self.items.append((ids, labels, pole_ids.index(rec.pole)))
+            self.items.append({"input_ids": ids, "labels": labels, "pole": pole_ids.index(rec.pole)})
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> dict:
         return self.items[i]
 
 
-def collate(pad_id: int):
-    """Right-padded batch with attention mask, masked labels and each example's pole index."""
+def collate(pad_id: int, tensor_keys: Sequence[str] = ("pole",)):
+    """Right-padded input_ids/labels with an attention mask; `tensor_keys` are stacked, other keys listed."""
 
-    def _collate(batch):
-        width = max(len(ids) for ids, _, _ in batch)
+    def _collate(batch: list[dict]) -> dict:
+        width = max(len(b["input_ids"]) for b in batch)
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (ids, lab, _) in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, : len(lab)] = torch.tensor(lab)
-            mask[row, : len(ids)] = 1
-        pole = torch.tensor([p for _, _, p in batch], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "pole": pole}
+        for row, b in enumerate(batch):
+            input_ids[row, : len(b["input_ids"])] = torch.tensor(b["input_ids"])
+            labels[row, : len(b["labels"])] = torch.tensor(b["labels"])
+            mask[row, : len(b["input_ids"])] = 1
+        out = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        for key in batch[0].keys() - {"input_ids", "labels"}:
+            values = [b[key] for b in batch]
+            out[key] = torch.tensor(values) if key in tensor_keys else values
+        return out
 
     return _collate
 

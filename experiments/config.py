@@ -214,6 +214,8 @@ class RouterConfig:
 
 @dataclass
 class JointConfig:
+    data: str = "auto"
+    """Fused responses {messages, response, label}: auto (datagen's joint.jsonl) or a JSONL path."""
     lr: float = 2e-5
     """Low learning rate for joint tuning of router and experts."""
     router_loss_weight: float = 0.5

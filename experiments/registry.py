@@ -76,8 +76,8 @@ ENCODERS.add("minilm", "minilm", "the bundled all-MiniLM-L6-v2 sentence encoder"
 TEACHERS.add("local", "local", "a transformers model through Lightning's predict loop")
 TEACHERS.add("openai", "openai", "any OpenAI-compatible chat-completions endpoint")
 
-LAUNCHERS.add("local", "experiments.sweep:LocalLauncher", "sweep trials as subprocesses on this machine (parallel: N at once)")
-LAUNCHERS.add("slurm", "experiments.sweep:SlurmLauncher", "one SLURM job per sweep trial (or a job array) through submitit")
+LAUNCHERS.add("local", "experiments.sweep.launchers:LocalLauncher", "sweep trials as subprocesses on this machine (parallel: N at once)")
+LAUNCHERS.add("slurm", "experiments.sweep.launchers:SlurmLauncher", "one SLURM job per sweep trial (or a job array) through submitit")
 
 
 def register_builtin_entries() -> None:
@@ -92,6 +92,7 @@ def register_builtin_entries() -> None:
                        ("mpi", "MPI"), ("gsm8k", "GSM8K"), ("mmlu", "MMLU"), ("xstest", "XSTest")):
         BENCHMARKS.add(bench, f"datamodules.benchmarks:{cls}", f"built-in benchmark ({cls})")
     STAGES.add("evaluate", "lightning_modules.evaluate:run", "benchmarks and downstream tasks for every system")
+    STAGES.add("joint", "lightning_modules.joint:run", "optional low-lr joint tuning of router and experts")
     STAGES.add("router", "lightning_modules.router:run", "train the router on situation activation labels")
     STAGES.add("sft_baseline", "lightning_modules.adapter_sft:run_sft_baseline", "one LoRA on all fused responses (SFT baseline)")
 

@@ -145,8 +145,12 @@ class SystemFactory:
         """The ten-expert model with the adapter_sft adapters, loaded once."""
         if self._experts_model is None:
             personas = load_personas(project_path(self.cfg.personas.file))
-            self._experts_model = load_experts(self.cfg, self.ctx.outputs["adapter_sft"]["adapters"], personas.ids)
+            self._experts_model = load_experts(self.cfg, self._tuned("adapter_sft")["adapters"], personas.ids)
         return self._experts_model
+
+    def _tuned(self, stage: str) -> dict:
+        """The joint stage's experts and router supersede the separately trained ones when it ran."""
+        return self.ctx.outputs.get("joint") or self.ctx.outputs[stage]
 
     def _personafuse(self):
         if self._fuse is None:
@@ -154,7 +158,7 @@ class SystemFactory:
             from lightning_modules.components.router import load_router
 
             model, tok = self._experts()
-            router, meta = load_router(Path(self.ctx.outputs["router"]["router"]))
+            router, meta = load_router(Path(self._tuned("router")["router"]))
             self._fuse = PersonaFuse(model, tok, router.to(next(model.parameters()).device), meta)
         return self._fuse
 

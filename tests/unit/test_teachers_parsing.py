@@ -5,10 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from lightning_modules.components.teachers import (
+from lightning_modules.components.quality_filters import (
     ParseError,
     clean_response,
-    derive_seed,
     ignores_user,
     is_incoherent,
     jaccard,
@@ -16,10 +15,10 @@ from lightning_modules.components.teachers import (
     near_duplicates,
     parse_analysis,
     parse_verdict,
-    public_url,
     response_flags,
     unsafe_category,
 )
+from lightning_modules.components.teachers import derive_seed, public_url
 
 POLES = ["agreeableness_high", "agreeableness_low", "neuroticism_low"]
 USER = "My dog died this morning and I can't stop crying. I keep thinking I should have noticed he was sick."
@@ -173,7 +172,7 @@ def _toy_situation():
 
 
 def test_shipped_templates_render_every_step():
-    from lightning_modules.datagen import PromptSet, activated_poles
+    from lightning_modules.components.persona_cot import PromptSet, activated_poles
 
     personas, situation = _toy_situation()
     prompts = PromptSet.load(PROMPT_FILE)
@@ -189,7 +188,7 @@ def test_shipped_templates_render_every_step():
 
 def test_prompt_overrides_and_their_errors_name_the_key():
     from experiments.config import ConfigError
-    from lightning_modules.datagen import PromptSet
+    from lightning_modules.components.persona_cot import PromptSet
 
     personas, situation = _toy_situation()
     prompts = PromptSet.load(PROMPT_FILE, {"pole_system": "Be {pole_id}, {word_budget} words max."})
@@ -203,7 +202,7 @@ def test_prompt_overrides_and_their_errors_name_the_key():
 
 
 def test_activated_poles_keeps_at_least_the_strongest():
-    from lightning_modules.datagen import activated_poles
+    from lightning_modules.components.persona_cot import activated_poles
 
     personas, _ = _toy_situation()
     label = {"agreeableness_high": 0.9, "agreeableness_low": 0.1, "neuroticism_low": 0.6}

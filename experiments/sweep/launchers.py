@@ -1,0 +1,211 @@
+"""Where trials run: `local` subprocesses or `slurm` jobs through submitit, and their --dry-run previews.
+
+A launcher has `poll_s`, `capacity(total)`, `trial_overrides()`, `launch(trials, env)` -> handles,
+`reattach(record)`, `preview(trials, env)` and `stop(handles)`; a handle has `job_id`, `done()` and
+`outcome()` -> (ok, error).
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from pathlib import Path
+from typing import Any, Optional
+
+from rich.console import Console
+
+from experiments.sweep.schema import Sweep, SweepError
+from experiments.sweep.trials import Trial, override_key, trial_command
+
+console = Console(stderr=True, soft_wrap=True)
+
+
+def _trial_lines(trial: Trial, note: str = "") -> list[str]:
+    """A trial's header for --dry-run: its id, varied values and every override it gets."""
+    return [f"{trial.id}  {trial.describe()}{note}", f"  overrides: {shlex.join(trial.overrides)}"]
+
+
+class LocalLauncher:
+    """Trials as subprocesses on this machine, `parallel` at a time, each logging to <trial>/trial.log."""
+
+    poll_s = 0.5
+
+    def __init__(self, sweep: Sweep) -> None:
+        self.sweep = sweep
+
+    def capacity(self, total: int) -> int:
+        return self.sweep.spec.launcher.parallel
+
+    def trial_overrides(self) -> list[str]:
+        return []
+
+    def launch(self, trials: list[Trial], env: dict[str, str]) -> list["LocalHandle"]:
+        handles = []
+        for trial in trials:
+            trial.output_dir.mkdir(parents=True, exist_ok=True)
+            log = open(trial.log_file, "ab")
+            # Same process group as the sweep: Ctrl-C (or killing the group) stops trials too.
+            proc = subprocess.Popen(trial_command(self.sweep, trial), env={**os.environ, **env},
+                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            log.close()
+            handles.append(LocalHandle(proc, trial.log_file))
+        return handles
+
+    def reattach(self, record: dict) -> None:
+        """A local trial does not outlive its sweep process: an unfinished one is rerun."""
+        return None
+
+    def preview(self, trials: list[Trial], env: dict[str, str]) -> str:
+        prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+        lines = [f"launcher local: {self.sweep.spec.launcher.parallel} trial(s) at a time, in this process group"]
+        for trial in trials:
+            lines += _trial_lines(trial) + [f"  command: {prefix} {shlex.join(trial_command(self.sweep, trial))}"]
+        return "\n".join(lines)
+
+    def stop(self, handles: list["LocalHandle"]) -> None:
+        for handle in handles:
+            handle.terminate()
+
+
+class LocalHandle:
+    def __init__(self, proc: subprocess.Popen, log: Path) -> None:
+        self.proc, self.log, self.job_id = proc, log, None
+
+    def done(self) -> bool:
+        return self.proc.poll() is not None
+
+    def outcome(self) -> tuple[bool, str]:
+        code = self.proc.wait()
+        if code == 0:
+            return True, ""
+        text = self.log.read_text(errors="replace").replace("\r", "\n") if self.log.is_file() else ""
+        tail = [line.strip()[:300] for line in text.splitlines() if line.strip()][-4:]
+        return False, f"exit code {code} (log {self.log}): " + " | ".join(tail)
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class SlurmLauncher:
+    """One submitit job per trial (or one job array): nodes x gpus_per_node tasks, one per GPU."""
+
+    poll_s = 15.0
+
+    def __init__(self, sweep: Sweep) -> None:
+        self.sweep, self.opts = sweep, sweep.spec.launcher
+        self.folder = sweep.folder / "slurm" / "%j"
+
+    def capacity(self, total: int) -> int:
+        return max(total, 1) if self.opts.array else self.opts.parallel
+
+    def trial_overrides(self) -> list[str]:
+        """Lightning's devices and num_nodes must match the tasks SLURM starts, or ranks wait forever."""
+        if self.opts.gpus_per_node == 0:
+            return [f"trainer.num_nodes={self.opts.nodes}"]
+        fixed = {"trainer.num_nodes": self.opts.nodes, "trainer.devices": self.opts.gpus_per_node}
+        given = [override_key(item) for item in self.sweep.spec.overrides] + list(self.sweep.spec.parameters)
+        clash = sorted(set(given) & set(fixed))
+        if clash:
+            raise SweepError(f"{self.sweep.source}: {', '.join(clash)} come from launcher.nodes / launcher.gpus_per_node "
+                             "under slurm; remove them from overrides/parameters")
+        return [f"{k}={v}" for k, v in fixed.items()]
+
+    def parameters(self, job_name: str) -> dict[str, Any]:
+        """submitit SlurmExecutor parameters (sbatch names)."""
+        o = self.opts
+        params = {"job_name": job_name, "partition": o.partition, "account": o.account, "time": o.time_min,
+                  "nodes": o.nodes, "ntasks_per_node": max(1, o.gpus_per_node), "cpus_per_task": o.cpus_per_task,
+                  "gpus_per_node": o.gpus_per_node or None, "mem": f"{o.mem_gb:g}GB" if o.mem_gb else None,
+                  "additional_parameters": dict(o.extra_sbatch) or None, "setup": list(o.setup) or None,
+                  "array_parallelism": o.parallel}
+        return {k: v for k, v in params.items() if v is not None}
+
+    def _job_name(self, trial: Trial) -> str:
+        return f"{self.sweep.name}-{trial.id}"
+
+    def _executor(self, job_name: str, preview: bool = False):
+        import submitit
+
+        cls = _preview_executor_class() if preview else submitit.SlurmExecutor
+        executor = cls(folder=self.folder, python=self.opts.python)
+        executor.update_parameters(**self.parameters(job_name))
+        return executor
+
+    def _function(self, trial: Trial, env: dict[str, str]):
+        """The trial's command behind `env`, so the compute node keeps its own SLURM_* variables."""
+        from submitit.helpers import CommandFunction
+
+        command = ["env", *(f"{k}={v}" for k, v in env.items()), *trial_command(self.sweep, trial, self.opts.python)]
+        return CommandFunction(command, cwd=os.getcwd())
+
+    def launch(self, trials: list[Trial], env: dict[str, str]) -> list["SlurmHandle"]:
+        if self.opts.array and len(trials) > 1:
+            executor = self._executor(self.sweep.name)
+            with executor.batch():
+                jobs = [executor.submit(self._function(t, env)) for t in trials]
+        else:
+            jobs = [self._executor(self._job_name(t)).submit(self._function(t, env)) for t in trials]
+        return [SlurmHandle(job) for job in jobs]
+
+    def reattach(self, record: dict) -> Optional["SlurmHandle"]:
+        """Follow a job submitted by an earlier launch of this sweep instead of submitting it again."""
+        if not record.get("job_id"):
+            return None
+        import submitit
+
+        return SlurmHandle(submitit.SlurmJob(folder=self.folder, job_id=record["job_id"]))
+
+    def _sbatch_script(self, job_name: str, map_count: Optional[int] = None) -> str:
+        """The sbatch script submitit would write for one job (or, with map_count, a job array)."""
+        executor = self._executor(job_name, preview=True)
+        if map_count is not None:
+            executor.parameters["map_count"] = map_count
+        return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
+
+    def preview(self, trials: list[Trial], env: dict[str, str]) -> str:
+        """The sbatch script(s) submitit would write, and the command each task runs."""
+        lines = [f"launcher slurm: {'one job array' if self.opts.array else 'one job per trial'}, "
+                 f"{self.opts.nodes} node(s) x {max(1, self.opts.gpus_per_node)} task(s); logs in {self.folder}"]
+        if self.opts.array:
+            lines += ["--- sbatch script (job array) ---", self._sbatch_script(self.sweep.name, map_count=len(trials))]
+        for i, trial in enumerate(trials):
+            lines += _trial_lines(trial, f"  (array task {i})" if self.opts.array else "")
+            if not self.opts.array:
+                lines += ["--- sbatch script ---", self._sbatch_script(self._job_name(trial))]
+            lines.append("  each task runs: " + shlex.join(self._function(trial, env).command))
+        return "\n".join(lines)
+
+    def stop(self, handles: list["SlurmHandle"]) -> None:
+        ids = " ".join(h.job_id for h in handles)
+        if ids:
+            console.print(f"[yellow]SLURM jobs keep running[/]: {ids} — rerun the sweep to collect them, or `scancel {ids}`")
+
+
+class SlurmHandle:
+    def __init__(self, job) -> None:
+        self.job, self.job_id = job, str(job.job_id)
+
+    def done(self) -> bool:
+        return self.job.done()
+
+    def outcome(self) -> tuple[bool, str]:
+        error = self.job.exception()
+        return (error is None), ("" if error is None else f"job {self.job_id}: {str(error).strip()[-800:]}")
+
+
+def _preview_executor_class():
+    """A SlurmExecutor that renders its sbatch script on a machine without srun (for --dry-run)."""
+    import submitit
+
+    class PreviewSlurmExecutor(submitit.SlurmExecutor):
+        @classmethod
+        def affinity(cls) -> int:
+            return 1
+
+    return PreviewSlurmExecutor
