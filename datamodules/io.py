@@ -5,6 +5,7 @@ JSONL readers report bad lines as file:line.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -92,3 +93,26 @@ def require_keys(record: dict, keys: Iterable[str], where: str) -> None:
     for key in keys:
         if key not in record:
             raise DataError(f"{where}: missing key '{key}'")
+
+
+class ExclusiveLock:
+    """A non-blocking lock file: a second process that wants the same folder fails at once with
+    `error(message)` instead of interleaving writes. Released on exit, and by the OS on a crash."""
+
+    def __init__(self, path: Path, error: type[Exception], message: str) -> None:
+        self.path, self.error, self.message, self.handle = Path(path), error, message, None
+
+    def __enter__(self) -> "ExclusiveLock":
+        self.handle = open(self.path, "w")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.close()
+            raise self.error(self.message) from None
+        self.handle.write(str(os.getpid()))
+        self.handle.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()

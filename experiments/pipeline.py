@@ -6,7 +6,6 @@ and continues the same MLflow child run when a stage was interrupted.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
@@ -18,7 +17,7 @@ from rich.console import Console
 
 from experiments import registry, tracking
 from experiments.config import ExperimentConfig, config_hash, flatten, to_container, to_yaml
-from datamodules.io import atomic_write_text, read_json
+from datamodules.io import ExclusiveLock, atomic_write_text, read_json
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -116,7 +115,8 @@ def run_pipeline(cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
     if global_rank() != 0:
         return _run_follower(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out / ".lock"):
+    message = f"another pipeline is running on {out} (lock {out / '.lock'}); wait for it or choose another output_dir"
+    with ExclusiveLock(out / ".lock", PipelineLocked, message):
         return _run_locked(cfg, out)
 
 
@@ -232,32 +232,6 @@ def _base_tags(cfg: ExperimentConfig, stage: str) -> dict[str, str]:
         "base_model": cfg.model.name_or_path,
         "config_name": cfg.name,
     }
-
-
-class _exclusive:
-    """A non-blocking lock file: a second pipeline on the same folder fails at once, clearly."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.handle = None
-
-    def __enter__(self):
-        self.handle = open(self.path, "w")
-        try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.handle.close()
-            raise PipelineLocked(
-                f"another pipeline is running on {self.path.parent} (lock {self.path}); "
-                "wait for it or choose another output_dir"
-            ) from None
-        self.handle.write(str(os.getpid()))
-        self.handle.flush()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        fcntl.flock(self.handle, fcntl.LOCK_UN)
-        self.handle.close()
 
 
 StageFn = Callable[[StageContext], dict]

@@ -1,12 +1,11 @@
 """The sweep folder's bookkeeping: sweep_state.json (trial statuses, the parent run) and its lock."""
 from __future__ import annotations
 
-import fcntl
 import json
 from pathlib import Path
 from typing import Any
 
-from datamodules.io import atomic_write_text, read_json
+from datamodules.io import ExclusiveLock, atomic_write_text, read_json
 from experiments.sweep.trials import Trial
 
 STATE_FILE = "sweep_state.json"
@@ -39,21 +38,6 @@ class SweepState:
         atomic_write_text(self.path, json.dumps(self.data, indent=2, default=str))
 
 
-class SweepLock:
+def SweepLock(path: Path) -> ExclusiveLock:  # noqa: N802 - reads as the class it used to be
     """A non-blocking lock on the sweep folder: a second driver of the same sweep fails at once."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.handle = path, None
-
-    def __enter__(self):
-        self.handle = open(self.path, "w")
-        try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.handle.close()
-            raise SweepLocked(f"another `personafuse sweep` is driving {self.path.parent} (lock {self.path})") from None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        fcntl.flock(self.handle, fcntl.LOCK_UN)
-        self.handle.close()
+    return ExclusiveLock(path, SweepLocked, f"another `personafuse sweep` is driving {path.parent} (lock {path})")
