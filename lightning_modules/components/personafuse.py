@@ -7,6 +7,7 @@ No Lightning here.
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -86,31 +87,49 @@ def generate_with_gates(model, tokenizer, conversations: Sequence[list[dict]], g
 
 
 def _option_logprobs(model, tokenizer, conversations, options, gates) -> list[list[float]]:
-    """Sum of log p(option tokens | templated prompt), all options of a batch in one forward."""
-    rows, owners = [], []
-    for i, (conv, opts) in enumerate(zip(conversations, options)):
-        prompt = tokenizer(tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False),
-                           add_special_tokens=False)["input_ids"]
-        for opt in opts:
-            rows.append((prompt, tokenizer(opt, add_special_tokens=False)["input_ids"]))
-            owners.append(i)
-    width = max(len(p) + len(o) for p, o in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, (p, o) in enumerate(rows):
-        ids[r, : len(p) + len(o)] = torch.tensor(p + o)
-        mask[r, : len(p) + len(o)] = 1
+    """Sum of log p(option tokens | templated prompt). Each prompt runs once and its KV cache is
+    shared by all of its options: benchmark prompts are long (few-shot, scenarios) and options short."""
     device = next(model.parameters()).device
-    row_gates = None if gates is None else gates[torch.tensor(owners)].to(device)
-    if isinstance(model, PersonaLoRAModel):
-        with model.gates(row_gates):
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-    else:
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
-    scores: list[list[float]] = [[] for _ in conversations]
-    for r, (p, o) in enumerate(rows):
-        scores[owners[r]].append(float(logp[r, len(p) - 1 : len(p) + len(o) - 1].sum()))
+    scores = []
+    for i, (conv, opts) in enumerate(zip(conversations, options)):
+        text = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+        prompt = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=device)
+        option_ids = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in opts]
+        if any(not ids for ids in option_ids):
+            raise ValueError(f"an option tokenises to nothing: {list(opts)!r}")
+        row_gates = None if gates is None else gates[i : i + 1].to(device)
+        scores.append(_score_options(model, prompt, option_ids, row_gates, tokenizer.pad_token_id))
+    return scores
+
+
+def _gated(model, gates: Optional[torch.Tensor]):
+    return model.gates(gates) if isinstance(model, PersonaLoRAModel) else nullcontext()
+
+
+def _score_options(model, prompt: torch.Tensor, option_ids: list[list[int]], gates, pad_id: int) -> list[float]:
+    with _gated(model, gates):
+        out = model(input_ids=prompt, use_cache=True)
+    first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+    scores = [float(first[ids[0]]) for ids in option_ids]
+    rest = max(len(ids) for ids in option_ids) - 1
+    if rest == 0:  # single-token options (letters): the prompt's last position scores them all
+        return scores
+    n, length = len(option_ids), prompt.shape[1]
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n)
+    # Feed option tokens 0..L-2 after the shared prompt; position t predicts token t+1. Right padding
+    # is harmless: padded positions come after every token we read.
+    ids = torch.full((n, rest), pad_id, dtype=torch.long, device=prompt.device)
+    mask = torch.zeros((n, length + rest), dtype=torch.long, device=prompt.device)
+    mask[:, :length] = 1
+    for j, opt in enumerate(option_ids):
+        ids[j, : len(opt) - 1] = torch.tensor(opt[:-1])
+        mask[j, length : length + len(opt) - 1] = 1
+    with _gated(model, None if gates is None else gates.expand(n, -1)):
+        logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    for j, opt in enumerate(option_ids):
+        scores[j] += float(sum(logp[j, t - 1, opt[t]] for t in range(1, len(opt))))
     return scores
 
 

@@ -1,6 +1,7 @@
 """Route once, hold the gates, use the KV cache: same tokens as recomputing everything; save/load round-trips."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lightning_modules.components.persona_lora import PersonaLoRAModel
@@ -70,3 +71,28 @@ def test_gate_normalisations():
     top = normalise_gates(logits, "topk", top_k=2)
     assert (top > 0).sum() == 2 and torch.allclose(top.sum(), torch.tensor(1.0))
     assert torch.equal(normalise_gates(logits, "sigmoid"), torch.sigmoid(logits))
+
+
+def _naive_option_logprob(model, tok, conv, option, gates):
+    """Prompt + option in one full forward pass, no cache sharing."""
+    text = tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+    p = tok(text, add_special_tokens=False)["input_ids"]
+    o = tok(option, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([p + o])
+    with torch.no_grad(), model.gates(gates):
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+    return float(sum(logp[len(p) + t - 1, o[t]] for t in range(len(o))))
+
+
+def test_shared_prefix_option_scoring_equals_full_forward(tiny_model):
+    from lightning_modules.components.personafuse import _option_logprobs
+
+    fuse = _fuse(tiny_model)
+    model, tok = fuse.persona_model, fuse.tokenizer
+    options = [["A", "B", "C"], ["(A) Very Accurate", "(E) Very Inaccurate", "maybe"]]
+    gates = torch.tensor([[0.5, 0.0, 1.0, 0.2], [0.0, 1.0, 0.0, 0.7]])
+    with torch.no_grad():
+        got = _option_logprobs(model, tok, CONVS, options, gates)
+    for conv, opts, g, row in zip(CONVS, options, gates, got):
+        for opt, value in zip(opts, row):
+            assert value == pytest.approx(_naive_option_logprob(model, tok, conv, opt, g[None]), abs=1e-3)
