@@ -9,6 +9,7 @@ import fcntl
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
@@ -93,6 +94,18 @@ def require_keys(record: dict, keys: Iterable[str], where: str) -> None:
     for key in keys:
         if key not in record:
             raise DataError(f"{where}: missing key '{key}'")
+
+
+@contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """A blocking inter-process lock: the second process waits until the first is done."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class ExclusiveLock:

@@ -10,6 +10,8 @@ import subprocess
 from pathlib import Path
 from typing import Optional
 
+from datamodules.io import file_lock
+
 SECRET_HINTS = ("key", "token", "secret", "password")
 
 
@@ -31,10 +33,24 @@ def artifact_root(tracking_uri: str) -> Optional[str]:
     return None
 
 
+def ensure_store(tracking_uri: str) -> None:
+    """Create a new sqlite store under a file lock: MLflow's schema migration is not safe when two
+    processes create the same store at once (alembic 'expected to match one row'). Once created,
+    concurrent writers are fine."""
+    import mlflow
+
+    if not tracking_uri.startswith("sqlite:///"):
+        return
+    db = Path(tracking_uri[len("sqlite:///"):])
+    with file_lock(db.parent / f".{db.name}.init.lock"):
+        mlflow.MlflowClient(tracking_uri).search_experiments(max_results=1)
+
+
 def get_or_create_experiment(name: str, tracking_uri: str) -> str:
     """The experiment id for `name`, creating it with artifacts beside the store."""
     import mlflow
 
+    ensure_store(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)
     existing = client.get_experiment_by_name(name)
     if existing is not None:

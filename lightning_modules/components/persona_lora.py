@@ -3,10 +3,16 @@
     y = W0·x + Σ_e g_e · (α/r) · B_e A_e x
 
 All experts are one fused low-rank product (A stacked to [E·r, in], B to [out, E·r]) instead of
-E passes. When every sequence is gated to a single expert (adapter SFT), each example gathers
-its own expert's A and B instead, so an example costs one expert, not E.
+E passes; for a few tokens at a time (decoding) the B side is one batched matmul over experts, so
+B is never re-laid-out per token. When every sequence is gated to a single expert (adapter SFT),
+each example gathers its own expert's A and B instead, so an example costs one expert, not E.
 Gates are set once per batch (`PersonaLoRAModel.gates(g)`) and stay fixed while generating,
-which keeps the KV cache valid. No Lightning here.
+which keeps the KV cache valid.
+
+When every row of a batch shares one gate vector (batch 1, or identical gates) and no gradient is
+needed, `gates(g, merge=True)` folds Σ_e g_e·(α/r)·B_e A_e into the base weights once, so each
+decoded token costs what the base model costs; leaving the block restores the base weights
+bit-exactly (see `PersonaLoRALinear.merge_`). No Lightning here.
 """
 from __future__ import annotations
 
@@ -17,7 +23,15 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+# Below this many new tokens per conversation, folding the experts into the weights (two
+# out×in×(k·r) matmuls per layer, merge and restore) costs more than it saves; see benchmarks/.
+MERGE_PAYS_FROM_TOKENS = 32
+# Fused path: at most this many tokens per call (×r) use the per-expert batched matmul for B
+# (no [out, E·r] copy of B); longer inputs (prefill, training) pay the copy once for a single matmul.
+_BMM_MAX_TOKENS_PER_RANK = 4
 
 
 class GateState:
@@ -28,16 +42,29 @@ class GateState:
         self.onehot_index: Optional[torch.Tensor] = None
         self.onehot_weight: Optional[torch.Tensor] = None
         self.all_zero = True
+        self.merged = False
+        """True while the gated experts are folded into the base weights: layers skip the experts."""
+        self._scales: dict = {}
 
     def set(self, gates: Optional[torch.Tensor]) -> None:
         """Decide the cheapest exact path once per batch, not once per layer call."""
         self.gates, self.onehot_index, self.onehot_weight = gates, None, None
+        self.merged, self._scales = False, {}
         self.all_zero = gates is None or not bool(gates.detach().ne(0).any())
         if self.all_zero:
             return
         if bool((gates.detach().ne(0).sum(dim=1) <= 1).all()):
             self.onehot_index = gates.detach().abs().argmax(dim=1)
             self.onehot_weight = gates.gather(1, self.onehot_index[:, None])[:, 0]
+
+    def scale(self, r: int, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+        """[B, E·r] gate × α/r per rank column; built once per batch (every layer shares it) when no grad flows."""
+        if torch.is_grad_enabled():  # the gates may come from the router (joint stage): keep one graph per use
+            return (self.gates.to(dtype) * scaling).repeat_interleave(r, dim=1)
+        key = (r, scaling, dtype)
+        if key not in self._scales:
+            self._scales[key] = (self.gates.to(dtype) * scaling).repeat_interleave(r, dim=1)
+        return self._scales[key]
 
 
 class PersonaLoRALinear(nn.Module):
@@ -61,25 +88,29 @@ class PersonaLoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
         st = self.state
-        if st.all_zero:
+        # F.linear, not self.base(x): one module call per layer fewer, which decoding notices.
+        out = F.linear(x, self.base.weight, self.base.bias)
+        if st.all_zero or st.merged:
             return out
         h = self.dropout(x).to(self.lora_A.dtype)
         if st.onehot_index is not None:
             delta = self._gathered(h, st.onehot_index, st.onehot_weight)
         else:
-            delta = self._fused(h, st.gates)
+            delta = self._fused(h, st.scale(self.r, self.scaling, h.dtype))
         return out + delta.to(out.dtype)
 
-    def _fused(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """All experts at once: [.., in] -> [.., E·r], scale by gates, -> [.., out]."""
-        E, r = self.num_experts, self.r
-        a = self.lora_A.reshape(E * r, -1)
-        b = self.lora_B.permute(1, 0, 2).reshape(self.base.out_features, E * r)
-        h = x @ a.t()
-        scale = (gates.to(h.dtype) * self.scaling).repeat_interleave(r, dim=1)  # [B, E·r]
+    def _fused(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """All experts at once: [.., in] -> [.., E·r], scale by gates ([B, E·r]), -> [.., out]."""
+        E, r, out_features = self.num_experts, self.r, self.base.out_features
+        h = x @ self.lora_A.reshape(E * r, -1).t()  # a view of A: no copy
         h = h * scale.view(scale.shape[0], *([1] * (h.dim() - 2)), -1)
+        tokens = h.numel() // (E * r)
+        if tokens <= _BMM_MAX_TOKENS_PER_RANK * r:
+            # Decoding: Σ_e h_e B_eᵀ as one bmm over experts on B's own layout ([E, out, r] -> [E, r, out] view).
+            per_expert = torch.bmm(h.reshape(tokens, E, r).transpose(0, 1), self.lora_B.transpose(1, 2))
+            return per_expert.sum(0).view(*h.shape[:-1], out_features)
+        b = self.lora_B.permute(1, 0, 2).reshape(out_features, E * r)  # one copy of B, amortised over many tokens
         return h @ b.t()
 
     def _gathered(self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -89,6 +120,77 @@ class PersonaLoRALinear(nn.Module):
         delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
         delta = delta * (weight.to(delta.dtype) * self.scaling)[:, None, None]
         return delta.reshape(*x.shape[:-1], -1)
+
+    # ------------------------------------------------------------------ merge into the base weight
+
+    def merged_delta(self, gates: torch.Tensor) -> Optional[torch.Tensor]:
+        """Σ_e g_e·(α/r)·B_e A_e as one [out, in] float32 matrix (None if every gate is zero).
+
+        Deterministic for given experts and gates: `unmerge_` recomputes it to undo `merge_`.
+        """
+        scale = gates.detach().to(device=self.lora_A.device, dtype=torch.float32) * self.scaling
+        active = scale.nonzero()[:, 0]
+        if active.numel() == 0:
+            return None
+        a = self.lora_A.detach()[active].float().reshape(-1, self.base.in_features)  # [k·r, in]
+        b = self.lora_B.detach()[active].float() * scale[active, None, None]  # [k, out, r]
+        return b.permute(1, 0, 2).reshape(self.base.out_features, -1) @ a
+
+    def merge_(self, gates: torch.Tensor) -> Optional[tuple]:
+        """W ← W + ΔW in place; returns what `unmerge_` needs to give W back bit for bit.
+
+        Restoring by subtraction, W = (W + ΔW) − ΔW, is exact except where the sum rounded across
+        a binade (or W ≈ 0): those few elements (about 2% for trained-size deltas) keep their
+        original value; if more than a copy of W would cost, W is copied instead. Memory is thus
+        O(mismatches), not a second copy of the base weights.
+        """
+        delta = self.merged_delta(gates)
+        if delta is None:
+            return None
+        weight = self.base.weight
+        w = weight.data
+        bits = _INT_OF_SIZE[w.element_size()]
+        merged = (w.float() + delta).to(w.dtype)
+        restored = (merged.float() - delta).to(w.dtype)
+        del delta
+        wrong = (restored.view(bits) != w.view(bits)).view(-1).nonzero()[:, 0]
+        del restored
+        index_dtype = torch.int32 if w.numel() < 2**31 else torch.int64
+        sparse_bytes = wrong.numel() * (torch.empty((), dtype=index_dtype).element_size() + w.element_size())
+        if w.is_contiguous() and sparse_bytes < w.numel() * w.element_size():
+            record = ("sparse", wrong.to(index_dtype), w.view(-1)[wrong].clone(), _bit_checksum(w))
+        else:
+            record = ("copy", w.clone())
+        w.copy_(merged)
+        return record + (self.lora_A._version, self.lora_B._version)
+
+    def unmerge_(self, gates: torch.Tensor, record: Optional[tuple]) -> None:
+        """Undo `merge_` exactly: W ← (W − ΔW) with the recorded elements put back."""
+        if record is None:
+            return
+        w = self.base.weight.data
+        if record[0] == "copy":
+            w.copy_(record[1])
+            return
+        _, wrong, values, checksum, version_a, version_b = record
+        if (self.lora_A._version, self.lora_B._version) != (version_a, version_b):
+            raise RuntimeError("experts changed while merged into the base weights; cannot restore them exactly")
+        restored = (w.float() - self.merged_delta(gates)).to(w.dtype)
+        restored.view(-1)[wrong.long()] = values
+        if _bit_checksum(restored) != checksum:
+            raise RuntimeError(
+                "restoring the base weights after a merge was not bit-exact (ΔW was not reproducible: "
+                "was the thread count or device changed inside a merged gates() block?)"
+            )
+        w.copy_(restored)
+
+
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bit_checksum(t: torch.Tensor) -> int:
+    """An order-independent integer checksum of a tensor's bit patterns (exact, no float rounding)."""
+    return int(t.reshape(-1).view(_INT_OF_SIZE[t.element_size()]).sum(dtype=torch.int64))
 
 
 class PersonaLoRAModel(nn.Module):
@@ -109,6 +211,7 @@ class PersonaLoRAModel(nn.Module):
         self.r, self.alpha, self.dropout_p = r, alpha, dropout
         self.target_modules = list(target_modules)
         self.state = GateState()
+        self._merge_records: Optional[list] = None  # set while experts are folded into the base weights
         self.layer_names = self._inject(base_model)
         if not self.layer_names:
             raise ValueError(f"no nn.Linear named any of {self.target_modules} in {type(base_model).__name__}")
@@ -141,19 +244,70 @@ class PersonaLoRAModel(nn.Module):
             yield self.base_model.get_submodule(name)
 
     def set_gates(self, gates: Optional[torch.Tensor]) -> None:
+        """Gates for the following forwards (unmerging first if experts are folded into the weights)."""
         if gates is not None and (gates.dim() != 2 or gates.shape[1] != self.num_experts):
             raise ValueError(f"gates must be [batch, {self.num_experts}], got {tuple(gates.shape)}")
+        self._unmerge()
         self.state.set(gates)
 
     @contextmanager
-    def gates(self, gates: Optional[torch.Tensor]) -> Iterator[None]:
-        """Hold `gates` for every forward (and every generated token) inside the block."""
-        previous = self.state.gates
+    def gates(self, gates: Optional[torch.Tensor], merge: bool | str = False) -> Iterator[None]:
+        """Hold `gates` for every forward (and every generated token) inside the block.
+
+        merge=True folds the experts into the base weights for the block (one gate vector shared by
+        every row, no gradient, no active dropout: a ValueError says which is missing); the weights
+        are restored bit-exactly on exit. merge="auto" merges when those hold and runs unmerged
+        otherwise. Merged, a forward costs exactly the base model's, at any batch size.
+        """
+        if merge not in (True, False, "auto"):
+            raise ValueError(f"merge must be True, False or 'auto', got {merge!r}")
+        previous, previous_merged = self.state.gates, self._merge_records is not None
         self.set_gates(gates)
         try:
+            if merge:
+                why_not = self.why_not_mergeable(gates)
+                if why_not is None:
+                    self._merge()
+                elif merge is True:
+                    raise ValueError(f"cannot merge the experts into the base weights: {why_not}")
             yield
         finally:
+            self._unmerge()
             self.state.set(previous)
+            if previous_merged:  # an enclosing merged block (a nested gates() had to unmerge)
+                self._merge()
+
+    def why_not_mergeable(self, gates: Optional[torch.Tensor]) -> Optional[str]:
+        """None when `gates` can be merged into the base weights exactly; otherwise the reason."""
+        if gates is None or self.state.all_zero:
+            return "no non-zero gates"
+        if gates.shape[0] > 1 and not torch.equal(gates, gates[:1].expand_as(gates)):
+            return "rows have different gates (merging needs one gate vector for the whole batch)"
+        if torch.is_grad_enabled() and (gates.requires_grad or any(
+                p.requires_grad for layer in self.persona_layers() for p in (layer.lora_A, layer.lora_B))):
+            return "gradients are enabled (merged weights hide the experts from autograd); use torch.no_grad()"
+        if self.training and self.dropout_p > 0:
+            return "LoRA dropout is active in training mode; call .eval()"
+        weight = next(self.persona_layers()).base.weight
+        if weight.numel() == 0 or hasattr(weight, "ds_id"):
+            return "the base weights are partitioned (DeepSpeed ZeRO-3)"
+        return None
+
+    @torch.no_grad()
+    def _merge(self) -> None:
+        row = self.state.gates[0]
+        self._merge_records = [layer.merge_(row) for layer in self.persona_layers()]
+        self.state.merged = True
+
+    @torch.no_grad()
+    def _unmerge(self) -> None:
+        if self._merge_records is None:
+            return
+        row = self.state.gates[0]
+        for layer, record in zip(self.persona_layers(), self._merge_records):
+            layer.unmerge_(row, record)
+        self._merge_records = None
+        self.state.merged = False
 
     def forward(self, *args, **kwargs):
         return self.base_model(*args, **kwargs)

@@ -109,3 +109,106 @@ def test_bf16_forward_runs(tiny_model):
     with torch.no_grad(), model.gates(torch.tensor([[0.5, 0.5, 0.0, 0.0]])):
         out = model(**ids).logits
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+# --------------------------------------------------------------------------- merged gates
+
+
+def _base_weights(model: PersonaLoRAModel) -> dict[str, torch.Tensor]:
+    return {name: layer.base.weight.detach().clone() for name, layer in zip(model.layer_names, model.persona_layers())}
+
+
+@pytest.mark.parametrize("gates", [[[0.3, 0.0, 0.7, 0.2]], [[0.0, 1.0, 0.0, 0.0]], [[0.5, 0.5, 0.5, 0.5]] * 2])
+def test_merged_gates_match_unmerged_and_restore_base_bit_exactly(persona, gates):
+    model, _, ids = persona
+    model.eval()
+    gates = torch.tensor(gates)
+    rows = ids["input_ids"].shape[0]
+    if gates.shape[0] != rows:
+        ids = {k: v[: gates.shape[0]] for k, v in ids.items()}
+    before = _base_weights(model)
+    unmerged = _logits(model, ids, gates)
+    with torch.no_grad(), model.gates(gates, merge=True):
+        assert model.state.merged
+        merged = model(**ids).logits
+        assert any(not torch.equal(before[n], layer.base.weight) for n, layer in zip(model.layer_names, model.persona_layers()))
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-4)
+    assert not model.state.merged and model.state.gates is None
+    for name, layer in zip(model.layer_names, model.persona_layers()):
+        assert torch.equal(layer.base.weight, before[name]), name  # bit for bit
+
+
+def test_merge_restores_exactly_when_deltas_swamp_the_weights(persona):
+    """Large experts make most sums round: the per-layer copy fallback still restores bit for bit."""
+    model, _, ids = persona
+    model.eval()
+    for layer in model.persona_layers():
+        layer.lora_B.data.mul_(1000.0)
+    before = _base_weights(model)
+    gates = torch.tensor([[0.9, 0.1, 0.0, 0.3]])
+    one = {k: v[:1] for k, v in ids.items()}
+    unmerged = _logits(model, one, gates)
+    with torch.no_grad(), model.gates(gates, merge=True):
+        merged = model(**one).logits
+    torch.testing.assert_close(merged, unmerged, atol=1e-3, rtol=1e-3)
+    for name, layer in zip(model.layer_names, model.persona_layers()):
+        assert torch.equal(layer.base.weight, before[name]), name
+
+
+def test_merged_generation_equals_unmerged_generation(persona):
+    model, _, ids = persona
+    model.eval()
+    one = {k: v[:1] for k, v in ids.items()}
+    gates = torch.tensor([[0.8, 0.0, 0.4, 1.0]])
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), model.gates(gates):
+        plain = model.generate(**one, **kwargs)
+    with torch.no_grad(), model.gates(gates, merge=True):
+        merged = model.generate(**one, **kwargs)
+    assert torch.equal(plain, merged)
+
+
+def test_nested_gates_inside_a_merged_block_see_the_base_model(persona):
+    """The router reads the base model with gates(None) — inside a merged block it must not see merged weights."""
+    model, reference, ids = persona
+    model.eval()
+    before = _base_weights(model)
+    gates = torch.tensor([[0.2, 0.6, 0.0, 0.4]] * 2)
+    with torch.no_grad(), model.gates(gates, merge=True):
+        with model.gates(None):
+            assert not model.state.merged
+            torch.testing.assert_close(model(**ids).logits, reference(**ids).logits)
+        assert model.state.merged  # merged again for the rest of the outer block
+        merged = model(**ids).logits
+    torch.testing.assert_close(merged, _logits(model, ids, gates), atol=1e-5, rtol=1e-4)
+    assert all(torch.equal(layer.base.weight, before[n]) for n, layer in zip(model.layer_names, model.persona_layers()))
+
+
+def test_merge_refuses_what_it_cannot_do_exactly_and_auto_falls_back(persona):
+    model, _, ids = persona
+    model.eval()
+    different = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    with pytest.raises(ValueError, match="different gates"), torch.no_grad(), model.gates(different, merge=True):
+        pass
+    with pytest.raises(ValueError, match="gradients"), model.gates(different[:1], merge=True):
+        pass
+    with torch.no_grad(), model.gates(different, merge="auto"):
+        assert not model.state.merged
+        torch.testing.assert_close(model(**ids).logits, _logits(model, ids, different))
+    assert model.state.gates is None and model._merge_records is None
+
+
+def test_decode_sized_fused_path_equals_the_long_input_path(persona):
+    """Few tokens use a per-expert bmm on B's own layout; many tokens the [out, E·r] matmul: same numbers."""
+    model, _, _ = persona
+    layer = next(model.persona_layers())
+    gates = torch.tensor([[0.3, 0.0, 0.7, 0.2], [0.0, 1.0, 0.5, 0.1]])
+    model.set_gates(gates)
+    short = torch.randn(2, 1, layer.base.in_features)
+    long = torch.randn(2, 200, layer.base.in_features)
+    for x in (short, long):
+        expected = layer.base(x)
+        for e in range(len(POLES)):
+            expected = expected + gates[:, e, None, None] * (x @ layer.lora_A[e].t() @ layer.lora_B[e].t()) * layer.scaling
+        torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-4)
+    model.set_gates(None)
