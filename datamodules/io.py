@@ -50,6 +50,24 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
     atomic_write_text(path, text)
 
 
+def read_yaml_mapping(path: str | Path, kind: str, error: type[Exception] = DataError) -> dict:
+    """A YAML file whose top level is a mapping (empty file: {}); every error names the file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{kind} not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise error(f"{path}: malformed YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise error(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
 def read_json(path: str | Path) -> Optional[Any]:
     """The parsed file, or None when it does not exist."""
     path = Path(path)

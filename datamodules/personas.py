@@ -8,9 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
-from datamodules.io import DataError
+from datamodules.io import DataError, read_yaml_mapping
 
 _POLE_KEYS = {"id", "trait", "pole", "description", "markers", "system_prompt", "examples"}
 _SET_KEYS = {"name", "description", "source", "poles"}
@@ -79,13 +78,8 @@ class PersonaSet:
 def load_personas(path: str | Path) -> PersonaSet:
     """Parse and validate a persona YAML; errors name the file and the offending key."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"persona file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise DataError(f"{path}: malformed YAML: {err}") from None
-    if not isinstance(data, dict) or "poles" not in data:
+    data = read_yaml_mapping(path, "persona file")
+    if "poles" not in data:
         raise DataError(f"{path}: expected a mapping with a 'poles' list")
     _no_unknown(data, _SET_KEYS, str(path))
     poles = tuple(_parse_pole(p, f"{path}: poles[{i}]") for i, p in enumerate(data["poles"]))

@@ -7,11 +7,11 @@ import typing
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
 from experiments import registry
+from datamodules.io import read_yaml_mapping
 from experiments.config import ExperimentConfig, _schema_keys
 from experiments.sweep.schema import DIRECTIONS, METHODS, Param, RangeSpec, Sweep, SweepError, SweepSpec
 
@@ -19,14 +19,7 @@ from experiments.sweep.schema import DIRECTIONS, METHODS, Param, RangeSpec, Swee
 def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), launcher: Optional[str] = None) -> Sweep:
     """Schema <- sweep YAML <- key=value overrides (<- --launcher), validated strictly."""
     path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"sweep file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise SweepError(f"{path}: malformed YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise SweepError(f"{path}: the top level must be a mapping (base, parameters, objective, launcher, ...)")
+    data = read_yaml_mapping(path, "sweep file", SweepError)
     merged = _merge(OmegaConf.structured(SweepSpec), data, str(path))
     for item in overrides:
         if "=" not in item:

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-import yaml
 
 from datamodules.personas import PersonaSet, Pole
+from datamodules.io import read_yaml_mapping
 from experiments.config import ConfigError
 from lightning_modules.components.quality_filters import (
     ParseError,
@@ -65,9 +65,7 @@ class PromptSet:
     def load(cls, path: str | Path, overrides: Optional[dict[str, str]] = None) -> "PromptSet":
         """File templates with `overrides` on top; unknown keys or placeholders name the key and file."""
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"key 'datagen.prompt_file': file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml_mapping(path, "key 'datagen.prompt_file': file", ConfigError)
         templates = {k: str(v) for k, v in data.items()}
         for source, entries in ((str(path), templates), ("datagen.prompts", overrides or {})):
             for key in entries:

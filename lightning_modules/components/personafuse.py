@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from lightning_modules.components import persona_lora
 from lightning_modules.components.persona_lora import PersonaLoRAModel
 from lightning_modules.components.router import Router, build_encoder, load_router, normalise_gates, save_router
 
@@ -78,7 +79,10 @@ def generate_with_gates(model, tokenizer, conversations: Sequence[list[dict]], g
     batch = {k: v.to(device) for k, v in batch.items()}
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     if isinstance(model, PersonaLoRAModel):
-        with model.gates(None if gates is None else gates.to(device)):
+        # One gate vector for the whole batch (batch 1, identical gates) and enough tokens to amortise
+        # it: fold the experts into the base weights, so each token costs what the base model costs.
+        merge = "auto" if max_new_tokens >= persona_lora.MERGE_PAYS_FROM_TOKENS else False
+        with torch.no_grad(), model.gates(None if gates is None else gates.to(device), merge=merge):
             out = model.generate(**batch, **kwargs)
     else:
         out = model.generate(**batch, **kwargs)

@@ -130,6 +130,9 @@ def test_merged_gates_match_unmerged_and_restore_base_bit_exactly(persona, gates
     unmerged = _logits(model, ids, gates)
     with torch.no_grad(), model.gates(gates, merge=True):
         assert model.state.merged
+        # restored by subtraction plus the few elements whose sum rounded (kept aside), not by a copy
+        assert {record[0] for record in model._merge_records} == {"sparse"}
+        assert any(record[1].numel() > 0 for record in model._merge_records)
         merged = model(**ids).logits
         assert any(not torch.equal(before[n], layer.base.weight) for n, layer in zip(model.layer_names, model.persona_layers()))
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-4)
@@ -149,6 +152,7 @@ def test_merge_restores_exactly_when_deltas_swamp_the_weights(persona):
     one = {k: v[:1] for k, v in ids.items()}
     unmerged = _logits(model, one, gates)
     with torch.no_grad(), model.gates(gates, merge=True):
+        assert "copy" in {record[0] for record in model._merge_records}
         merged = model(**one).logits
     torch.testing.assert_close(merged, unmerged, atol=1e-3, rtol=1e-3)
     for name, layer in zip(model.layer_names, model.persona_layers()):
