@@ -216,3 +216,19 @@ def test_decode_sized_fused_path_equals_the_long_input_path(persona):
             expected = expected + gates[:, e, None, None] * (x @ layer.lora_A[e].t() @ layer.lora_B[e].t()) * layer.scaling
         torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-4)
     model.set_gates(None)
+
+
+def test_adapter_with_missing_tensor_or_other_base_is_refused(persona, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, reference, _ = persona
+    folder = model.export_peft("a_high", tmp_path / "a_high")
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    dropped = next(iter(tensors))
+    save_file({k: v for k, v in tensors.items() if k != dropped}, str(folder / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="missing tensor"):
+        model.load_peft("a_high", folder)
+    wrong_shape = {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) for k, v in tensors.items()}
+    save_file(wrong_shape, str(folder / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="has shape"):
+        model.load_peft("a_high", folder)
