@@ -123,74 +123,176 @@ class PersonaLoRALinear(nn.Module):
 
     # ------------------------------------------------------------------ merge into the base weight
 
-    def merged_delta(self, gates: torch.Tensor) -> Optional[torch.Tensor]:
-        """Σ_e g_e·(α/r)·B_e A_e as one [out, in] float32 matrix (None if every gate is zero).
-
-        Deterministic for given experts and gates: `unmerge_` recomputes it to undo `merge_`.
-        """
+    def delta_factors(self, gates: torch.Tensor, workspace: Optional[dict] = None) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """(B', A') with B'A' = Σ_e g_e·(α/r)·B_e A_e: [out, k·r] and [k·r, in] float32 over the k experts
+        with a non-zero gate (None if there is none). B'A' is deterministic for given experts, gates,
+        block rows and thread count, which `unmerge_` relies on to undo `merge_`."""
         scale = gates.detach().to(device=self.lora_A.device, dtype=torch.float32) * self.scaling
-        active = scale.nonzero()[:, 0]
-        if active.numel() == 0:
-            return None
-        a = self.lora_A.detach()[active].float().reshape(-1, self.base.in_features)  # [k·r, in]
-        b = self.lora_B.detach()[active].float() * scale[active, None, None]  # [k, out, r]
-        return b.permute(1, 0, 2).reshape(self.base.out_features, -1) @ a
+        a, b = self.lora_A.detach(), self.lora_B.detach()
+        if not bool(scale.ne(0).all()):
+            active = scale.nonzero()[:, 0]
+            if active.numel() == 0:
+                return None
+            a, b, scale = a[active], b[active], scale[active]
+        k, kr, out_features = scale.shape[0], scale.shape[0] * self.r, self.base.out_features
+        workspace = {} if workspace is None else workspace
+        a_out = _buffer(workspace, "a", kr * a.shape[-1], torch.float32, a.device)[: kr * a.shape[-1]].view(kr, -1)
+        b_out = _buffer(workspace, "b", out_features * kr, torch.float32, b.device)[: out_features * kr]
+        torch.mul(a.reshape(kr, -1), scale.repeat_interleave(self.r)[:, None], out=a_out)  # gates folded into A
+        b_out.view(out_features, k, self.r).copy_(b.permute(1, 0, 2))  # [out, k·r] without a temporary
+        return b_out.view(out_features, kr), a_out
 
-    def merge_(self, gates: torch.Tensor) -> Optional[tuple]:
+    def merged_delta(self, gates: torch.Tensor) -> Optional[torch.Tensor]:
+        """Σ_e g_e·(α/r)·B_e A_e as one [out, in] float32 matrix (None if every gate is zero)."""
+        factors = self.delta_factors(gates)
+        return None if factors is None else factors[0] @ factors[1]
+
+    def _row_blocks(self) -> list[tuple[int, int]]:
+        rows = max(1, _MERGE_BLOCK_ELEMENTS // self.base.in_features)
+        out = self.base.out_features
+        return [(start, min(out, start + rows)) for start in range(0, out, rows)]
+
+    @torch.no_grad()
+    def merge_(self, gates: torch.Tensor, workspace: Optional[dict] = None) -> Optional["MergeRecord"]:
         """W ← W + ΔW in place; returns what `unmerge_` needs to give W back bit for bit.
 
         Restoring by subtraction, W = (W + ΔW) − ΔW, is exact except where the sum rounded across
         a binade (or W ≈ 0): those few elements (about 2% for trained-size deltas) keep their
-        original value; if more than a copy of W would cost, W is copied instead. Memory is thus
-        O(mismatches), not a second copy of the base weights.
+        original bits, as a 1-byte difference in units in the last place when it fits (else the
+        value); a block of rows where that would cost more than a copy is copied instead. Memory
+        is thus O(mismatches) — about 5 bytes per mismatch — not a second copy of the base weights;
+        the price is recomputing ΔW on restore. Work goes in blocks of rows (~1 MB) through
+        buffers shared by all layers (`workspace`), so temporaries are few, reused and cache-resident.
         """
-        delta = self.merged_delta(gates)
-        if delta is None:
+        workspace = {} if workspace is None else workspace
+        factors = self.delta_factors(gates, workspace)
+        if factors is None:
             return None
-        weight = self.base.weight
-        w = weight.data
-        bits = _INT_OF_SIZE[w.element_size()]
-        merged = (w.float() + delta).to(w.dtype)
-        restored = (merged.float() - delta).to(w.dtype)
-        del delta
-        wrong = (restored.view(bits) != w.view(bits)).view(-1).nonzero()[:, 0]
-        del restored
-        index_dtype = torch.int32 if w.numel() < 2**31 else torch.int64
-        sparse_bytes = wrong.numel() * (torch.empty((), dtype=index_dtype).element_size() + w.element_size())
-        if w.is_contiguous() and sparse_bytes < w.numel() * w.element_size():
-            record = ("sparse", wrong.to(index_dtype), w.view(-1)[wrong].clone(), _bit_checksum(w))
-        else:
-            record = ("copy", w.clone())
-        w.copy_(merged)
-        return record + (self.lora_A._version, self.lora_B._version)
+        w = self.base.weight.data
+        if not w.is_contiguous():  # row blocks need flat views: keep a plain copy of this weight
+            original = w.clone()
+            w.add_(self.merged_delta(gates).to(w.dtype))
+            return MergeRecord([(0, w.shape[0], "copy", original, None)], None, None, 0, (-1, -1))
+        b, a = factors
+        bits, in_features = _INT_OF_SIZE[w.element_size()], self.base.in_features
+        fp32 = w.dtype == torch.float32
+        size = self._row_blocks()[0][1] * in_features
+        delta_buf = _buffer(workspace, "delta", size, torch.float32, w.device)
+        merged_buf = _buffer(workspace, "merged", size, w.dtype, w.device)
+        mask_buf = _buffer(workspace, "mask", size, torch.bool, w.device)
+        record = MergeRecord([], w.numel(), w.view(-1)[_probe_index(w.numel(), w.device)], torch.get_num_threads(),
+                             (self.lora_A._version, self.lora_B._version))
+        for start, end in self._row_blocks():
+            n = (end - start) * in_features
+            block = w[start:end]
+            delta = torch.mm(b[start:end], a, out=delta_buf[:n].view(end - start, in_features))
+            if fp32:
+                merged = torch.add(block, delta, out=merged_buf[:n].view(end - start, in_features))
+                restored = torch.sub(merged, delta, out=delta)
+            else:
+                merged = (block.float() + delta).to(w.dtype)
+                restored = (merged.float() - delta).to(w.dtype)
+            mask = torch.ne(restored.view(bits), block.view(bits), out=mask_buf[:n].view(end - start, in_features))
+            wrong = mask.view(-1).nonzero()[:, 0]
+            ulps = block.view(bits).reshape(-1)[wrong].long() - restored.view(bits).reshape(-1)[wrong].long()
+            small = wrong.numel() == 0 or int(ulps.abs().max()) <= 127
+            cost = wrong.numel() * (4 + (1 if small else w.element_size()))
+            if cost >= n * w.element_size():
+                record.blocks.append((start, end, "copy", block.clone(), None))
+            elif small:
+                record.blocks.append((start, end, "ulp8", wrong.to(torch.int32), ulps.to(torch.int8)))
+            else:
+                record.blocks.append((start, end, "sparse", wrong.to(torch.int32), block.reshape(-1)[wrong]))
+            block.copy_(merged)
+        return record
 
-    def unmerge_(self, gates: torch.Tensor, record: Optional[tuple]) -> None:
-        """Undo `merge_` exactly: W ← (W − ΔW) with the recorded elements put back."""
+    @torch.no_grad()
+    def unmerge_(self, gates: torch.Tensor, record: Optional["MergeRecord"], workspace: Optional[dict] = None) -> None:
+        """Undo `merge_` exactly: W ← (W − ΔW) block by block, with the recorded elements put back."""
         if record is None:
             return
         w = self.base.weight.data
-        if record[0] == "copy":
-            w.copy_(record[1])
+        if record.probe is None:
+            w.copy_(record.blocks[0][3])
             return
-        _, wrong, values, checksum, version_a, version_b = record
-        if (self.lora_A._version, self.lora_B._version) != (version_a, version_b):
+        if (self.lora_A._version, self.lora_B._version) != record.versions:
             raise RuntimeError("experts changed while merged into the base weights; cannot restore them exactly")
-        restored = (w.float() - self.merged_delta(gates)).to(w.dtype)
-        restored.view(-1)[wrong.long()] = values
-        if _bit_checksum(restored) != checksum:
+        current = torch.get_num_threads()
+        if current != record.threads:  # a CPU matmul's summation order may depend on the thread count
+            torch.set_num_threads(record.threads)
+        try:
+            workspace = {} if workspace is None else workspace
+            b, a = self.delta_factors(gates, workspace)
+            in_features = self.base.in_features
+            delta_buf = _buffer(workspace, "delta", self._row_blocks()[0][1] * in_features, torch.float32, w.device)
+            bits = _INT_OF_SIZE[w.element_size()]
+            for start, end, kind, payload, values in record.blocks:
+                block = w[start:end]
+                if kind == "copy":
+                    block.copy_(payload)
+                    continue
+                n = (end - start) * in_features
+                delta = torch.mm(b[start:end], a, out=delta_buf[:n].view(end - start, in_features))
+                if w.dtype == torch.float32:
+                    block.sub_(delta)
+                else:
+                    block.copy_(block.float() - delta)
+                if not payload.numel():
+                    continue
+                index = payload.long()
+                if kind == "ulp8":  # integer arithmetic on the bit patterns: exact by construction
+                    flat_bits = block.view(bits).view(-1)
+                    flat_bits[index] = flat_bits[index] + values.to(bits)
+                else:
+                    block.view(-1)[index] = values
+        finally:
+            if current != record.threads:
+                torch.set_num_threads(current)
+        if not torch.equal(w.view(-1)[_probe_index(record.probe, w.device)], record.probe_values):
             raise RuntimeError(
                 "restoring the base weights after a merge was not bit-exact (ΔW was not reproducible: "
-                "was the thread count or device changed inside a merged gates() block?)"
+                "was the device changed inside a merged gates() block?)"
             )
-        w.copy_(restored)
+
+
+class MergeRecord:
+    """How to restore one merged weight: per block of rows, the elements kept aside or a copy."""
+
+    def __init__(self, blocks: list, probe: Optional[int], probe_values, threads: int, versions: tuple[int, int]):
+        # probe: the weight's size, from which `_probe_index` rebuilds the checked positions (None: a plain copy)
+        self.blocks, self.probe, self.probe_values = blocks, probe, probe_values
+        self.threads, self.versions = threads, versions
+
+    @property
+    def kept(self) -> int:
+        """Elements kept aside because subtraction would not restore them exactly."""
+        return sum(p.numel() for _, _, kind, p, _ in self.blocks if kind in ("sparse", "ulp8"))
+
+    @property
+    def copied(self) -> int:
+        """Elements restored from a copy (blocks where the deltas swamp the weights)."""
+        return sum(p.numel() for _, _, kind, p, _ in self.blocks if kind == "copy")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for blk in self.blocks for t in blk[3:] if t is not None)
 
 
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_MERGE_BLOCK_ELEMENTS = 1 << 18  # ~1 MB of fp32 per block of rows
 
 
-def _bit_checksum(t: torch.Tensor) -> int:
-    """An order-independent integer checksum of a tensor's bit patterns (exact, no float rounding)."""
-    return int(t.reshape(-1).view(_INT_OF_SIZE[t.element_size()]).sum(dtype=torch.int64))
+def _buffer(workspace: dict, name: str, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """A flat scratch tensor of at least `numel` elements, reused across layers within one merge."""
+    key = (name, dtype, torch.device(device))
+    if key not in workspace or workspace[key].numel() < numel:
+        workspace[key] = torch.empty(numel, dtype=dtype, device=device)
+    return workspace[key]
+
+
+def _probe_index(numel: int, device) -> torch.Tensor:
+    """≤256 spread positions whose original values are kept to check that a restore was exact."""
+    return torch.linspace(0, numel - 1, min(numel, 256), device=device).long().unique()
 
 
 class PersonaLoRAModel(nn.Module):
@@ -211,7 +313,10 @@ class PersonaLoRAModel(nn.Module):
         self.r, self.alpha, self.dropout_p = r, alpha, dropout
         self.target_modules = list(target_modules)
         self.state = GateState()
-        self._merge_records: Optional[list] = None  # set while experts are folded into the base weights
+        # While experts are folded into the base weights: how to restore each layer, and the layers
+        # themselves (swapped out of the model for their plain nn.Linear, so decoding is the base model's).
+        self._merge_records: Optional[list] = None
+        self._merged_layers: Optional[list[PersonaLoRALinear]] = None
         self.layer_names = self._inject(base_model)
         if not self.layer_names:
             raise ValueError(f"no nn.Linear named any of {self.target_modules} in {type(base_model).__name__}")
@@ -240,8 +345,17 @@ class PersonaLoRAModel(nn.Module):
         return self.base_model.config
 
     def persona_layers(self) -> Iterator[PersonaLoRALinear]:
+        if self._merged_layers is not None:  # merged: the model holds the plain linears for now
+            yield from self._merged_layers
+            return
         for name in self.layer_names:
             yield self.base_model.get_submodule(name)
+
+    def _swap(self, modules: Sequence[nn.Module]) -> None:
+        """Put `modules` at the target paths (the persona layers, or their merged base linears)."""
+        for name, module in zip(self.layer_names, modules):
+            parent, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+            setattr(self.base_model.get_submodule(parent) if parent else self.base_model, leaf, module)
 
     def set_gates(self, gates: Optional[torch.Tensor]) -> None:
         """Gates for the following forwards (unmerging first if experts are folded into the weights)."""
@@ -257,14 +371,16 @@ class PersonaLoRAModel(nn.Module):
         merge=True folds the experts into the base weights for the block (one gate vector shared by
         every row, no gradient, no active dropout: a ValueError says which is missing); the weights
         are restored bit-exactly on exit. merge="auto" merges when those hold and runs unmerged
-        otherwise. Merged, a forward costs exactly the base model's, at any batch size.
+        otherwise. Merged, a forward costs exactly the base model's, at any batch size: the target
+        paths hold the merged plain nn.Linear modules for the block (so the model's state_dict
+        inside the block is the base model's; the experts stay reachable via `persona_layers()`).
         """
         if merge not in (True, False, "auto"):
             raise ValueError(f"merge must be True, False or 'auto', got {merge!r}")
         previous, previous_merged = self.state.gates, self._merge_records is not None
         self.set_gates(gates)
         try:
-            if merge:
+            if merge and not self.state.all_zero:  # all-zero gates: the base model already, nothing to merge
                 why_not = self.why_not_mergeable(gates)
                 if why_not is None:
                     self._merge()
@@ -296,7 +412,18 @@ class PersonaLoRAModel(nn.Module):
     @torch.no_grad()
     def _merge(self) -> None:
         row = self.state.gates[0]
-        self._merge_records = [layer.merge_(row) for layer in self.persona_layers()]
+        layers = list(self.persona_layers())
+        records: list = []
+        workspace: dict = {}  # scratch buffers shared by all layers
+        try:
+            for layer in layers:
+                records.append(layer.merge_(row, workspace))
+        except BaseException:  # e.g. out of memory halfway: leave no layer merged
+            for layer, record in zip(layers, records):
+                layer.unmerge_(row, record, workspace)
+            raise
+        self._merge_records, self._merged_layers = records, layers
+        self._swap([layer.base for layer in layers])
         self.state.merged = True
 
     @torch.no_grad()
@@ -304,10 +431,13 @@ class PersonaLoRAModel(nn.Module):
         if self._merge_records is None:
             return
         row = self.state.gates[0]
-        for layer, record in zip(self.persona_layers(), self._merge_records):
-            layer.unmerge_(row, record)
-        self._merge_records = None
+        layers, records = self._merged_layers, self._merge_records
+        self._swap(layers)
+        self._merge_records = self._merged_layers = None
         self.state.merged = False
+        workspace: dict = {}
+        for layer, record in zip(layers, records):
+            layer.unmerge_(row, record, workspace)
 
     def forward(self, *args, **kwargs):
         return self.base_model(*args, **kwargs)

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from lightning_modules.components.persona_lora import PersonaLoRAModel
+from lightning_modules.components.persona_lora import PersonaLoRALinear, PersonaLoRAModel
 
 POLES = ["a_high", "a_low", "b_high", "b_low"]
 
@@ -130,13 +130,16 @@ def test_merged_gates_match_unmerged_and_restore_base_bit_exactly(persona, gates
     unmerged = _logits(model, ids, gates)
     with torch.no_grad(), model.gates(gates, merge=True):
         assert model.state.merged
+        # the target paths hold the merged plain linears: a forward is exactly the base model's
+        assert not any(isinstance(m, PersonaLoRALinear) for m in model.base_model.modules())
         # restored by subtraction plus the few elements whose sum rounded (kept aside), not by a copy
-        assert {record[0] for record in model._merge_records} == {"sparse"}
-        assert any(record[1].numel() > 0 for record in model._merge_records)
+        assert sum(record.copied for record in model._merge_records) == 0
+        assert sum(record.kept for record in model._merge_records) > 0
         merged = model(**ids).logits
         assert any(not torch.equal(before[n], layer.base.weight) for n, layer in zip(model.layer_names, model.persona_layers()))
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-4)
     assert not model.state.merged and model.state.gates is None
+    assert all(isinstance(model.base_model.get_submodule(n), PersonaLoRALinear) for n in model.layer_names)
     for name, layer in zip(model.layer_names, model.persona_layers()):
         assert torch.equal(layer.base.weight, before[name]), name  # bit for bit
 
@@ -152,7 +155,7 @@ def test_merge_restores_exactly_when_deltas_swamp_the_weights(persona):
     one = {k: v[:1] for k, v in ids.items()}
     unmerged = _logits(model, one, gates)
     with torch.no_grad(), model.gates(gates, merge=True):
-        assert "copy" in {record[0] for record in model._merge_records}
+        assert sum(record.copied for record in model._merge_records) > 0
         merged = model(**one).logits
     torch.testing.assert_close(merged, unmerged, atol=1e-3, rtol=1e-3)
     for name, layer in zip(model.layer_names, model.persona_layers()):
@@ -232,3 +235,83 @@ def test_adapter_with_missing_tensor_or_other_base_is_refused(persona, tmp_path)
     save_file(wrong_shape, str(folder / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match="has shape"):
         model.load_peft("a_high", folder)
+
+
+def test_generate_with_gates_merges_when_the_batch_shares_one_gate_vector(persona, tiny_model, monkeypatch):
+    from lightning_modules.components import persona_lora
+    from lightning_modules.components.personafuse import generate_with_gates
+
+    model, _, _ = persona
+    model.eval()
+    tok = tiny_model[1]
+    convs = [[{"role": "user", "content": "My dog died this morning."}],
+             [{"role": "user", "content": "Any tips for a first marathon?"}]]
+    shared = torch.tensor([[0.9, 0.0, 0.3, 0.6]] * 2)
+    merges = []
+    original = PersonaLoRAModel._merge
+    monkeypatch.setattr(PersonaLoRAModel, "_merge", lambda self: (merges.append(1), original(self))[1])
+    monkeypatch.setattr(persona_lora, "MERGE_PAYS_FROM_TOKENS", 4)
+    merged = generate_with_gates(model, tok, convs, shared, max_new_tokens=6)
+    assert len(merges) == 1
+    generate_with_gates(model, tok, convs, torch.tensor([[0.9, 0.0, 0.3, 0.6], [0.0, 1.0, 0.0, 0.0]]), max_new_tokens=6)
+    assert len(merges) == 1  # different gates per row: the fused path
+    monkeypatch.setattr(persona_lora, "MERGE_PAYS_FROM_TOKENS", 10**9)
+    assert generate_with_gates(model, tok, convs, shared, max_new_tokens=6) == merged
+    assert len(merges) == 1 and model._merge_records is None
+
+
+def test_merge_in_many_row_blocks_restores_bit_exactly(persona, monkeypatch):
+    """Real layers merge in ~1 MB blocks of rows; force several blocks per tiny layer, with mixed sparse/copy blocks."""
+    from lightning_modules.components import persona_lora
+
+    monkeypatch.setattr(persona_lora, "_MERGE_BLOCK_ELEMENTS", 1000)
+    model, _, ids = persona
+    model.eval()
+    layer = next(model.persona_layers())
+    layer.lora_B.data[:, :20].mul_(1000.0)  # the first rows of one layer swamp their weights: copied blocks there
+    before = _base_weights(model)
+    gates = torch.tensor([[0.3, 0.0, 0.7, 0.2]] * 2)
+    unmerged = _logits(model, ids, gates)
+    with torch.no_grad(), model.gates(gates, merge=True):
+        assert len(model._merge_records[0].blocks) > 1
+        assert model._merge_records[0].copied > 0 and model._merge_records[0].kept > 0
+        # every way of restoring a block is exercised: copy, 1-byte ulp differences, kept values
+        assert {blk[2] for rec in model._merge_records for blk in rec.blocks} == {"copy", "ulp8", "sparse"}
+        merged = model(**ids).logits
+    torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=1e-4)
+    for name, layer in zip(model.layer_names, model.persona_layers()):
+        assert torch.equal(layer.base.weight, before[name]), name
+
+
+def test_bf16_merge_restores_bit_exactly(tiny_model):
+    base, tok = tiny_model
+    model = PersonaLoRAModel(base.to(torch.bfloat16), POLES, r=4, alpha=8, dropout=0.0).eval()
+    _randomise(model)
+    before = _base_weights(model)
+    ids = tok(["Hello there, how are you?"], return_tensors="pt")
+    gates = torch.tensor([[0.3, 0.0, 0.7, 0.2]], dtype=torch.bfloat16)
+    unmerged = _logits(model, ids, gates).float()
+    with torch.no_grad(), model.gates(gates, merge=True):
+        merged = model(**ids).logits.float()
+    torch.testing.assert_close(merged, unmerged, atol=0.1, rtol=0.05)  # bf16: one rounding of W + ΔW vs of each product
+    assert all(torch.equal(layer.base.weight, before[n]) for n, layer in zip(model.layer_names, model.persona_layers()))
+
+
+@pytest.mark.parametrize("tokens", [1, 200])
+def test_fused_path_gradients_reach_gates_and_experts(persona, tokens):
+    """The joint stage trains router gates and experts through the fused path (both its branches)."""
+    model, _, _ = persona
+    layer = next(model.persona_layers())
+    gates = torch.tensor([[0.3, 0.0, 0.7, 0.2], [0.0, 1.0, 0.5, 0.1]], requires_grad=True)
+    x = torch.randn(2, tokens, layer.base.in_features)
+    model.set_gates(gates)
+    layer(x).square().sum().backward()
+    model.set_gates(None)
+    got = (gates.grad.clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone())
+    gates.grad = layer.lora_A.grad = layer.lora_B.grad = None
+    expected = layer.base(x)
+    for e in range(len(POLES)):
+        expected = expected + gates[:, e, None, None] * (x @ layer.lora_A[e].t() @ layer.lora_B[e].t()) * layer.scaling
+    expected.square().sum().backward()
+    for a, b in zip(got, (gates.grad, layer.lora_A.grad, layer.lora_B.grad)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
