@@ -40,3 +40,19 @@ def test_expert_sft_on_embedded_model_lowers_each_pole_val_loss(tmp_path):
     result = run_pipeline(cfg)["adapter_sft"]
     for pole, before in result["val_loss_before"].items():
         assert result["val_loss_after"][pole] < before, pole
+
+
+def test_datagen_on_embedded_teacher(tmp_path):
+    """Persona-CoT with the real 135M teacher: it runs, and every response is accepted or rejected with a reason."""
+    import json
+
+    from experiments.config import load_config
+    from experiments.pipeline import run_pipeline
+
+    cfg = load_config(ROOT / "experiments/quickstart.yaml", [
+        "stages=[datagen]", "datagen.limit=2", "datagen.teacher.max_new_tokens=24", "datagen.analysis_max_new_tokens=32",
+        f"output_dir={tmp_path / 'out'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'db'}"])
+    summary = run_pipeline(cfg)["datagen"]["summary"]
+    assert summary["items"] == 2 and summary["responses"] == 22
+    assert summary["accepted"] + sum(summary["rejected"].values()) >= summary["responses"]
+    assert json.loads((tmp_path / "out" / "datagen" / "summary.json").read_text())["teacher"] == "local:smollm2-135m-instruct"
