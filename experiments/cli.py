@@ -10,7 +10,6 @@ import argparse
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from rich.console import Console
 

@@ -281,7 +281,7 @@ def _log(ctx, summary: dict, paths: list[Path]) -> None:
     metrics = {f"datagen/{k}": summary[k] for k in ("items", "acceptance_rate", "pole_acceptance_rate",
                "fused_acceptance_rate", "analysis_parse_rate", "tokens_generated")}
     metrics.update({f"datagen/rejected/{k}": v for k, v in summary["rejected"].items()})
-    metrics.update({f"datagen/sft_rows": summary["rows"]["sft"], "datagen/joint_rows": summary["rows"]["joint"]})
+    metrics.update({"datagen/sft_rows": summary["rows"]["sft"], "datagen/joint_rows": summary["rows"]["joint"]})
     if summary["teacher_label_mae"] is not None:
         metrics["datagen/teacher_label_mae"] = summary["teacher_label_mae"]
     if summary["this_run"]["tokens_per_s"] is not None:

@@ -1,7 +1,6 @@
 """Shared fixtures: the tiny random Llama (built once per machine in the user cache) and a temp MLflow store."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

@@ -117,7 +117,7 @@ def test_dry_run_local_prints_every_trial_and_command_and_creates_nothing(tmp_pa
     assert len(trials) == 4
     for trial in trials:
         assert trial.id in out
-        assert f"-m experiments.cli run experiments/smoke.yaml" in out
+        assert "-m experiments.cli run experiments/smoke.yaml" in out
         assert f"output_dir={trial.output_dir}" in out
     assert out.count("command: PERSONAFUSE_PARENT_RUN_ID=") == 4
     assert not (tmp_path / "sweep").exists()
