@@ -181,7 +181,9 @@ def _run_stage(cfg, stage, h, out, uri, exp_id, parent, results) -> dict[str, An
     if state.get("hash") != h:
         state = {}  # config changed: a fresh MLflow run, not a continuation
     tags = {**_base_tags(cfg, stage), "stage_hash": h}
-    run_id = state.get("run_id") or tracking.start_run(uri, exp_id, stage, tags, parent)
+    run_id = state.get("run_id")
+    if not (run_id and _reopen_run(uri, exp_id, run_id)):
+        run_id = tracking.start_run(uri, exp_id, stage, tags, parent)
     atomic_write_text(state_file, json.dumps({"hash": h, "run_id": run_id, "complete": False}))
     ctx = StageContext(cfg, stage, stage_dir, out, uri, exp_id, run_id, dict(results))
     console.rule(f"[bold]{stage}")
@@ -195,22 +197,32 @@ def _run_stage(cfg, stage, h, out, uri, exp_id, parent, results) -> dict[str, An
 
 def _resume_or_start(state_file: Path, uri: str, exp_id: str, name: str, tags: dict[str, str]) -> str:
     """Continue the parent run of an interrupted pipeline instead of starting a duplicate."""
-    import mlflow
-
     state = read_json(state_file) or {}
     run_id = state.get("run_id")
-    if run_id:
-        try:
-            run = mlflow.MlflowClient(uri).get_run(run_id)
-            if run.info.experiment_id == exp_id:
-                mlflow.MlflowClient(uri).update_run(run_id, status="RUNNING")
-                return run_id
-        except Exception:  # the store was reset: start over
-            pass
+    if run_id and _reopen_run(uri, exp_id, run_id):
+        return run_id
     # `personafuse sweep` sets PERSONAFUSE_PARENT_RUN_ID so each trial nests under the sweep run.
     run_id = tracking.start_run(uri, exp_id, name, tags, os.environ.get(PARENT_RUN_ENV) or None)
     atomic_write_text(state_file, json.dumps({"run_id": run_id, "tracking_uri": uri}))
     return run_id
+
+
+def _reopen_run(uri: str, exp_id: str, run_id: str) -> bool:
+    """Mark an interrupted run RUNNING again; False when the store no longer holds it (the store
+    was deleted, or tracking points elsewhere now), so the caller starts a fresh run instead."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        console.print(f"[yellow]MLflow run {run_id} is not in {uri} any more; starting a new run[/]")
+        return False
+    if run.info.experiment_id != exp_id or run.info.lifecycle_stage != "active":
+        return False
+    client.update_run(run_id, status="RUNNING")
+    return True
 
 
 def _finish(uri: str, run_id: str) -> None:

@@ -49,3 +49,26 @@ def test_kill_9_during_sft_then_resume(tmp_path):
 
     sd = torch.load(ckpt if ckpt.exists() else out / "adapter_sft/checkpoints/last.ckpt", weights_only=False)["state_dict"]
     assert sd and all(".lora_" in k for k in sd)
+
+
+def test_interrupted_pipeline_whose_store_was_deleted_starts_fresh_runs(tmp_path):
+    """State files that name MLflow runs the store no longer has (the user deleted mlruns/, or
+    points tracking elsewhere) must not crash the rerun: it starts new runs and finishes."""
+    import mlflow
+
+    out, uri = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (out / "adapter_sft").mkdir(parents=True)
+    (out / "run_state.json").write_text(json.dumps({"run_id": "0" * 32, "tracking_uri": uri}))
+    from experiments.config import load_config
+    from experiments.pipeline import stage_hash
+
+    cfg = load_config(ROOT / "experiments/smoke.yaml", _cmd(out, uri)[5:])
+    stale = {"hash": stage_hash(cfg, "adapter_sft", []), "run_id": "f" * 32, "complete": False}
+    (out / "adapter_sft" / "state.json").write_text(json.dumps(stale))
+    done = subprocess.run(_cmd(out, uri), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "not in" in done.stderr and "starting a new run" in done.stderr
+    final = json.loads((out / "adapter_sft" / "state.json").read_text())
+    assert final["complete"] and final["run_id"] != "f" * 32
+    client = mlflow.MlflowClient(uri)
+    assert client.get_run(final["run_id"]).info.status == "FINISHED"
