@@ -270,6 +270,13 @@ def bench_generation(args, base, tok, pm, fuse, lora, xlora_pair) -> dict:
             route_s.setdefault((len(convs), name), Series()).add(time.perf_counter() - start)
         generate_with_gates(fuse.persona_model, fuse.tokenizer, convs, gates, n)
 
+    def routed_copy_restore(convs, n):
+        pm.merge_restore = "copy"
+        try:
+            routed(convs, n, "personafuse_copy_restore")
+        finally:
+            pm.merge_restore = "recompute"
+
     def routed_unmerged(convs, n):
         saved = persona_lora.MERGE_PAYS_FROM_TOKENS
         persona_lora.MERGE_PAYS_FROM_TOKENS = 10**9
@@ -279,17 +286,18 @@ def bench_generation(args, base, tok, pm, fuse, lora, xlora_pair) -> dict:
             persona_lora.MERGE_PAYS_FROM_TOKENS = saved
 
     xlora, xlora_hf = xlora_pair
-    hf_of = {"base": base, "personafuse": pm.base_model, "personafuse_unmerged": pm.base_model, "lora_merged": lora,
-             "xlora": xlora_hf}
-    systems: dict[str, Callable] = {"base": plain(base), "personafuse": routed, "personafuse_unmerged": routed_unmerged,
-                                    "lora_merged": plain(lora)}
+    hf_of = {"base": base, "personafuse": pm.base_model, "personafuse_copy_restore": pm.base_model,
+             "personafuse_unmerged": pm.base_model, "lora_merged": lora, "xlora": xlora_hf}
+    systems: dict[str, Callable] = {"base": plain(base), "personafuse": routed,
+                                    "personafuse_copy_restore": routed_copy_restore,
+                                    "personafuse_unmerged": routed_unmerged, "lora_merged": plain(lora)}
     if xlora is not None:
         systems["xlora"] = plain(xlora)
 
     plans = []  # (batch, system, new tokens)
     for batch, n in ((1, args.gen_tokens_b1), (8, args.gen_tokens_b8)):
         for name in systems:
-            if name == "personafuse_unmerged" and batch != 1:
+            if name in ("personafuse_unmerged", "personafuse_copy_restore") and batch != 1:
                 continue
             tokens = {"xlora": args.xlora_tokens_b1 if batch == 1 else args.xlora_tokens_b8,
                       "personafuse_unmerged": args.unmerged_tokens}.get(name, n)
@@ -313,7 +321,7 @@ def bench_generation(args, base, tok, pm, fuse, lora, xlora_pair) -> dict:
     return {"tok_s": results, "tokens": tokens, "route_s": route_s}
 
 
-def bench_merge_cost(args, pm, tok, fuse) -> dict:
+def bench_merge_cost(args, pm, fuse) -> dict:
     """Seconds to fold the routed gates into the weights and to restore them (per conversation)."""
     gates = fuse.route(conversations(1))
     merge, unmerge = Series(), Series()
@@ -522,6 +530,8 @@ def memory_probe(args) -> dict:
 
         torch.manual_seed(0)
         pm = PersonaLoRAModel(base, POLES, r=args.rank, alpha=2.0 * args.rank, dropout=0.05)
+        if variant == "personafuse_copy":
+            pm.merge_restore = "copy"
         for layer in pm.persona_layers():
             layer.lora_B.data.normal_(0.0, 0.02)
             expert_bytes += (layer.lora_A.numel() + layer.lora_B.numel()) * layer.lora_A.element_size()
@@ -551,14 +561,14 @@ def memory_probe(args) -> dict:
 
 def bench_memory(args) -> dict:
     out = {}
-    for probe in ("base:1", "personafuse:1", "base:8", "personafuse:8"):
+    for probe in ("base:1", "personafuse:1", "personafuse_copy:1", "base:8", "personafuse:8"):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", probe, "--threads", str(args.threads),
                "--memory-tokens", str(args.memory_tokens), "--rank", str(args.rank), "--model", args.model]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0:
             raise RuntimeError(f"memory probe {probe} failed:\n{proc.stderr[-3000:]}")
         out[probe] = json.loads(proc.stdout.strip().splitlines()[-1])
-        log(f"[memory] {probe:<14} resident {out[probe]['resident_bytes'] / 2**20:7.1f} MiB, peak while routing "
+        log(f"[memory] {probe:<18} resident {out[probe]['resident_bytes'] / 2**20:7.1f} MiB, peak while routing "
             f"{out[probe]['route_peak_bytes'] / 2**20:7.1f} MiB, while generating {out[probe]['gen_peak_bytes'] / 2**20:7.1f} MiB")
     return out
 
@@ -587,7 +597,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     base, tok = load_base_model(args.model)
     cfg = base.config.to_dict()
     flops = {"model": flop_floor(cfg, len(POLES), args.rank), "llama8b": flop_floor(LLAMA_8B, len(POLES), args.rank)}
-    report: dict = {"args": vars(args), "flops": flops}
     workdir = Path(tempfile.mkdtemp(prefix="pf-bench-"))
 
     gen = merge_cost = sft = datagen = memory = None
@@ -597,7 +606,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         log(f"[x-lora] {xlora_note}")
         if "gen" in sections:
             gen = bench_generation(args, base, tok, pm, fuse, lora, xlora)
-            merge_cost = bench_merge_cost(args, pm, tok, fuse)
+            merge_cost = bench_merge_cost(args, pm, fuse)
         del xlora, lora
         gc.collect()
         if "sft" in sections:
@@ -747,6 +756,13 @@ def render(args, flops, gen, merge_cost, sft, datagen, memory, xlora_note):
                      "router encoder (lightning_modules/components/router.py) does not pass logits_to_keep, so the "
                      "full-vocabulary logits of every prompt token are materialised (batch × prompt × vocab × 4 B).")
         targets["routed_memory"] = ok_all
+        if "personafuse_copy:1" in memory:
+            c, b = memory["personafuse_copy:1"], memory["base:1"]
+            parts.append(f"With merge_restore='copy' (batch 1): generation peak {c['gen_peak_bytes'] / 2**20:.0f} MiB "
+                         f"(Δ {(c['peak_bytes'] - b['peak_bytes']) / 2**20:+.0f} MiB vs base; budget "
+                         f"{(b['peak_bytes'] + 1.2 * c['expert_bytes']) / 2**20:.0f} MiB): "
+                         f"{verdict(c['peak_bytes'] <= b['peak_bytes'] + 1.2 * c['expert_bytes'])}.")
+            metrics["memory/b1/routed_copy_restore_peak_mib"] = c["peak_bytes"] / 2**20
 
     rows = []
     for label, f in ((args.model, fm), ("Llama-3.1-8B shape", f8)):
@@ -768,15 +784,15 @@ def render(args, flops, gen, merge_cost, sft, datagen, memory, xlora_note):
         "routed_memory": "routed peak memory ≤ base peak + 1.2 × experts' weight bytes",
     }
     measured = {
-        "routed_b8_vs_floor": (lambda: f"{paired_ratio(pf8, b8).median:.2f} × base (need ≥ {0.9 * floor:.2f}); "
-                                       f"excluding routing {metrics.get('gen/b8/personafuse/vs_base_excl_routing', float('nan')):.2f}")
+        "routed_b8_vs_floor": (lambda: f"{paired_ratio(pf8, b8).median:.3f} × base (need ≥ {0.9 * floor:.3f}); "
+                                       f"excluding routing {metrics.get('gen/b8/personafuse/vs_base_excl_routing', float('nan')):.3f}")
         if b8 and pf8 else None,
         "routed_b8_vs_xlora": (lambda: f"{metrics['target/routed_b8_over_xlora']:.1f} ×")
         if "target/routed_b8_over_xlora" in metrics else None,
-        "routed_b1_vs_base": (lambda: f"{metrics['gen/b1/personafuse/vs_base']:.2f} × base; excluding routing "
-                                      f"{metrics.get('gen/b1/personafuse/vs_base_excl_routing', float('nan')):.2f}")
+        "routed_b1_vs_base": (lambda: f"{metrics['gen/b1/personafuse/vs_base']:.3f} × base (need ≥ 0.900); "
+                                      f"excluding routing {metrics.get('gen/b1/personafuse/vs_base_excl_routing', float('nan')):.3f}")
         if "gen/b1/personafuse/vs_base" in metrics else None,
-        "sft_vs_peft": (lambda: f"{metrics['sft/lightning_adapter_sft/vs_peft']:.2f} × PEFT")
+        "sft_vs_peft": (lambda: f"{metrics['sft/lightning_adapter_sft/vs_peft']:.3f} × PEFT")
         if "sft/lightning_adapter_sft/vs_peft" in metrics else None,
         "routed_memory": (lambda: "see section 4") if memory else None,
     }
@@ -825,15 +841,15 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--gen-tokens-b1", type=int, default=None, help="new tokens at batch 1 (default 256)")
     p.add_argument("--gen-tokens-b8", type=int, default=None, help="new tokens per row at batch 8 (default 48)")
     p.add_argument("--unmerged-tokens", type=int, default=None,
-                   help="new tokens for PersonaFuse with merging off, batch 1 (default 64)")
-    p.add_argument("--xlora-tokens-b1", type=int, default=None, help="X-LoRA new tokens at batch 1 (default 8)")
+                   help="new tokens for PersonaFuse with merging off, batch 1 (default 48)")
+    p.add_argument("--xlora-tokens-b1", type=int, default=None, help="X-LoRA new tokens at batch 1 (default 6)")
     p.add_argument("--xlora-tokens-b8", type=int, default=None, help="X-LoRA new tokens at batch 8 (default 2)")
     p.add_argument("--sft-batch", type=int, default=4)
     p.add_argument("--sft-seq", type=int, default=None, help="SFT sequence length (default 128)")
     p.add_argument("--sft-steps", type=int, default=None, help="timed optimizer steps per variant (default 2)")
     p.add_argument("--sft-warmup", type=int, default=1, help="untimed steps first (optimizer state, allocator)")
     p.add_argument("--skip-gather-vs-fused", action="store_true", help="skip the one-hot gathered vs fused SFT loop")
-    p.add_argument("--datagen-tokens", type=int, default=None, help="new tokens per conversation (default 24)")
+    p.add_argument("--datagen-tokens", type=int, default=None, help="new tokens per conversation (default 16)")
     p.add_argument("--memory-tokens", type=int, default=None, help="new tokens in the memory probes (default 32)")
     p.add_argument("--only", nargs="*", choices=["gen", "sft", "datagen", "memory", "flops"],
                    help="run only these sections")
@@ -842,8 +858,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     quick = args.quick
-    defaults = {"repeats": (3, 1), "gen_tokens_b1": (256, 16), "gen_tokens_b8": (48, 8), "xlora_tokens_b1": (8, 4),
-                "xlora_tokens_b8": (2, 2), "unmerged_tokens": (64, 16), "sft_seq": (128, 32), "sft_steps": (2, 1), "datagen_tokens": (24, 4),
+    defaults = {"repeats": (3, 1), "gen_tokens_b1": (256, 16), "gen_tokens_b8": (48, 8), "xlora_tokens_b1": (6, 4),
+                "xlora_tokens_b8": (2, 2), "unmerged_tokens": (48, 16), "sft_seq": (128, 32), "sft_steps": (2, 1), "datagen_tokens": (16, 4),
                 "memory_tokens": (32, 8)}
     for key, (full, small) in defaults.items():
         if getattr(args, key) is None:

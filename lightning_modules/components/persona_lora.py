@@ -153,7 +153,8 @@ class PersonaLoRALinear(nn.Module):
         return [(start, min(out, start + rows)) for start in range(0, out, rows)]
 
     @torch.no_grad()
-    def merge_(self, gates: torch.Tensor, workspace: Optional[dict] = None) -> Optional["MergeRecord"]:
+    def merge_(self, gates: torch.Tensor, workspace: Optional[dict] = None,
+               restore: str = "recompute") -> Optional["MergeRecord"]:
         """W ← W + ΔW in place; returns what `unmerge_` needs to give W back bit for bit.
 
         Restoring by subtraction, W = (W + ΔW) − ΔW, is exact except where the sum rounded across
@@ -163,15 +164,20 @@ class PersonaLoRALinear(nn.Module):
         is thus O(mismatches) — about 5 bytes per mismatch — not a second copy of the base weights;
         the price is recomputing ΔW on restore. Work goes in blocks of rows (~1 MB) through
         buffers shared by all layers (`workspace`), so temporaries are few, reused and cache-resident.
+
+        restore="copy" keeps a plain copy of W instead: no mismatch bookkeeping and no second
+        matmul on restore (about half the merge+restore time), for one extra copy of the weight.
         """
         workspace = {} if workspace is None else workspace
         factors = self.delta_factors(gates, workspace)
         if factors is None:
             return None
         w = self.base.weight.data
-        if not w.is_contiguous():  # row blocks need flat views: keep a plain copy of this weight
+        if restore == "copy" or not w.is_contiguous():  # (row blocks need flat views)
             original = w.clone()
-            w.add_(self.merged_delta(gates).to(w.dtype))
+            b, a = factors
+            for start, end in self._row_blocks():
+                w[start:end] = (w[start:end].float() + b[start:end] @ a).to(w.dtype)
             return MergeRecord([(0, w.shape[0], "copy", original, None)], None, None, 0, (-1, -1))
         b, a = factors
         bits, in_features = _INT_OF_SIZE[w.element_size()], self.base.in_features
@@ -317,6 +323,9 @@ class PersonaLoRAModel(nn.Module):
         # themselves (swapped out of the model for their plain nn.Linear, so decoding is the base model's).
         self._merge_records: Optional[list] = None
         self._merged_layers: Optional[list[PersonaLoRALinear]] = None
+        self.merge_restore = "recompute"
+        """How merged weights are restored: "recompute" (ΔW again; O(2%) extra memory) or "copy" (a copy of
+        every target weight; about half the merge+restore time, one extra copy of those weights)."""
         self.layer_names = self._inject(base_model)
         if not self.layer_names:
             raise ValueError(f"no nn.Linear named any of {self.target_modules} in {type(base_model).__name__}")
@@ -374,6 +383,7 @@ class PersonaLoRAModel(nn.Module):
         otherwise. Merged, a forward costs exactly the base model's, at any batch size: the target
         paths hold the merged plain nn.Linear modules for the block (so the model's state_dict
         inside the block is the base model's; the experts stay reachable via `persona_layers()`).
+        `merge_restore` chooses memory ("recompute", default) or merge speed ("copy").
         """
         if merge not in (True, False, "auto"):
             raise ValueError(f"merge must be True, False or 'auto', got {merge!r}")
@@ -411,13 +421,15 @@ class PersonaLoRAModel(nn.Module):
 
     @torch.no_grad()
     def _merge(self) -> None:
+        if self.merge_restore not in ("recompute", "copy"):
+            raise ValueError(f"merge_restore must be 'recompute' or 'copy', got {self.merge_restore!r}")
         row = self.state.gates[0]
         layers = list(self.persona_layers())
         records: list = []
         workspace: dict = {}  # scratch buffers shared by all layers
         try:
             for layer in layers:
-                records.append(layer.merge_(row, workspace))
+                records.append(layer.merge_(row, workspace, self.merge_restore))
         except BaseException:  # e.g. out of memory halfway: leave no layer merged
             for layer, record in zip(layers, records):
                 layer.unmerge_(row, record, workspace)

@@ -315,3 +315,17 @@ def test_fused_path_gradients_reach_gates_and_experts(persona, tokens):
     expected.square().sum().backward()
     for a, b in zip(got, (gates.grad, layer.lora_A.grad, layer.lora_B.grad)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_copy_restore_merges_the_same_and_restores_bit_exactly(persona):
+    model, _, ids = persona
+    model.eval()
+    model.merge_restore = "copy"
+    before = _base_weights(model)
+    gates = torch.tensor([[0.3, 0.0, 0.7, 0.2]] * 2)
+    unmerged = _logits(model, ids, gates)
+    with torch.no_grad(), model.gates(gates, merge=True):
+        assert all(record.kept == 0 and record.copied > 0 for record in model._merge_records)
+        merged = model(**ids).logits
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-4)
+    assert all(torch.equal(layer.base.weight, before[n]) for n, layer in zip(model.layer_names, model.persona_layers()))
