@@ -14,6 +14,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.loaders import train_loader
+
 from datamodules.io import DataError, iter_jsonl, require_keys
 from datamodules.personas import PersonaSet
 
@@ -140,9 +142,7 @@ class PersonaSFTDataModule(L.LightningDataModule):
         self.val_set = SFTDataset(val, self.tokenizer, self.pole_ids, self.max_length)
 
     def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=g,
-                          collate_fn=collate(self.tokenizer.pad_token_id))
+        return train_loader(self.train_set, self.batch_size, self.seed, collate(self.tokenizer.pad_token_id))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size, collate_fn=collate(self.tokenizer.pad_token_id))

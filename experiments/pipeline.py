@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,10 +180,12 @@ def _run_stage(cfg, stage, h, out, uri, exp_id, parent, results) -> dict[str, An
         console.print(f"[cyan]{stage}[/]: unchanged since its last run — skipped ({state_file})")
         return state["result"]
     if state.get("hash") != h:
-        state = {}  # config changed: a fresh MLflow run, not a continuation
+        if state:  # config changed: a fresh MLflow run, not a continuation, and no stale checkpoints or caches
+            _set_aside(stage_dir, state.get("hash", "unknown"))
+        state = {}
     tags = {**_base_tags(cfg, stage), "stage_hash": h}
     run_id = state.get("run_id")
-    if not (run_id and _reopen_run(uri, exp_id, run_id)):
+    if not (run_id and tracking.reopen_run(uri, exp_id, run_id)):
         run_id = tracking.start_run(uri, exp_id, stage, tags, parent)
     atomic_write_text(state_file, json.dumps({"hash": h, "run_id": run_id, "complete": False}))
     ctx = StageContext(cfg, stage, stage_dir, out, uri, exp_id, run_id, dict(results))
@@ -195,34 +198,27 @@ def _run_stage(cfg, stage, h, out, uri, exp_id, parent, results) -> dict[str, An
     return result
 
 
+def _set_aside(stage_dir: Path, old_hash: str) -> None:
+    """Move a stage folder made under another config out of the way (kept, not deleted), so its
+    checkpoints and caches are not resumed by a run whose settings differ."""
+    kept = stage_dir.with_name(f"{stage_dir.name}.superseded-{old_hash[:8]}")
+    if kept.exists():
+        shutil.rmtree(kept)
+    stage_dir.rename(kept)
+    stage_dir.mkdir()
+    console.print(f"[yellow]{stage_dir.name}[/]: config changed since its last run; its old outputs are in {kept}")
+
+
 def _resume_or_start(state_file: Path, uri: str, exp_id: str, name: str, tags: dict[str, str]) -> str:
     """Continue the parent run of an interrupted pipeline instead of starting a duplicate."""
     state = read_json(state_file) or {}
     run_id = state.get("run_id")
-    if run_id and _reopen_run(uri, exp_id, run_id):
+    if run_id and tracking.reopen_run(uri, exp_id, run_id):
         return run_id
     # `personafuse sweep` sets PERSONAFUSE_PARENT_RUN_ID so each trial nests under the sweep run.
     run_id = tracking.start_run(uri, exp_id, name, tags, os.environ.get(PARENT_RUN_ENV) or None)
     atomic_write_text(state_file, json.dumps({"run_id": run_id, "tracking_uri": uri}))
     return run_id
-
-
-def _reopen_run(uri: str, exp_id: str, run_id: str) -> bool:
-    """Mark an interrupted run RUNNING again; False when the store no longer holds it (the store
-    was deleted, or tracking points elsewhere now), so the caller starts a fresh run instead."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    client = mlflow.MlflowClient(uri)
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        console.print(f"[yellow]MLflow run {run_id} is not in {uri} any more; starting a new run[/]")
-        return False
-    if run.info.experiment_id != exp_id or run.info.lifecycle_stage != "active":
-        return False
-    client.update_run(run_id, status="RUNNING")
-    return True
 
 
 def _finish(uri: str, run_id: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -83,6 +84,24 @@ def start_run(
         all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
     run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
     return run.info.run_id
+
+
+def reopen_run(uri: str, exp_id: str, run_id: str) -> bool:
+    """Mark an interrupted run RUNNING again; False when the store no longer holds it (the store
+    was deleted, or tracking points elsewhere now), so the caller starts a fresh run instead."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        print(f"MLflow run {run_id} is not in {uri} any more; starting a new run", file=sys.stderr)
+        return False
+    if run.info.experiment_id != exp_id or run.info.lifecycle_stage != "active":
+        return False
+    client.update_run(run_id, status="RUNNING")
+    return True
 
 
 def redact(params: dict[str, str]) -> dict[str, str]:

@@ -4,6 +4,7 @@ Stages share these functions rather than a base class.
 """
 from __future__ import annotations
 
+import random
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
@@ -11,7 +12,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import lightning as L
 import torch
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import MLFlowLogger
 
 from experiments import registry
@@ -88,6 +89,27 @@ def zero3_model_init(strategy) -> Iterator[None]:
         del alive
 
 
+class RandomStateCheckpoint(Callback):
+    """Saves the Python and torch random generators in each checkpoint and restores them on resume.
+
+    Lightning checkpoints hold the weights, optimizer and loop positions but not the RNG, so LoRA
+    dropout after a resume would draw other masks than the uninterrupted run. (Lightning only
+    offers this privately, in `lightning.fabric.utilities.seed`.) Per process: each rank keeps its own.
+    """
+
+    def state_dict(self) -> dict:
+        state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        random.setstate(state["python"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def build_trainer(
     cfg: TrainerConfig,
     stage_dir: Path,
@@ -105,6 +127,7 @@ def build_trainer(
             dirpath=stage_dir / "checkpoints", filename="{step}", save_last=True, save_top_k=1,
             monitor=None, every_n_train_steps=max(1, cfg.checkpoint_every_n_steps), save_on_train_epoch_end=True,
         ))
+        callbacks.append(RandomStateCheckpoint())
     logger = MLFlowLogger(tracking_uri=tracking_uri, run_id=run_id)
     accelerator = cfg.accelerator if cfg.strategy != "ddp_cpu" else "cpu"
     return L.Trainer(

@@ -220,7 +220,7 @@ def _log_systems(ctx, by_system: dict) -> dict[str, str]:
     state_file = ctx.stage_dir / "system_runs.json"
     run_ids: dict[str, str] = read_json(state_file) or {}
     for system, entry in by_system.items():
-        if system not in run_ids:
+        if system not in run_ids or not tracking.reopen_run(ctx.tracking_uri, ctx.experiment_id, run_ids[system]):
             tags = {"stage": "evaluate", "system": system, "base_model": ctx.cfg.model.name_or_path,
                     "git_commit": tracking.git_commit()}
             run_ids[system] = tracking.start_run(ctx.tracking_uri, ctx.experiment_id, f"evaluate:{system}", tags, ctx.run_id)

@@ -15,9 +15,10 @@ from typing import Callable, Optional, Sequence
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from datamodules.io import DataError, iter_jsonl, require_keys
+from datamodules.loaders import train_loader
 from datamodules.personas import PersonaSet, load_personas
 from datamodules.sft import IGNORE_INDEX, collate, encode_example
 from experiments.config import project_path
@@ -134,8 +135,8 @@ def run(ctx) -> dict:
 
     tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.model.revision)
     train, val = _split(load_fused_records(project_path(source), cfg.data.on_bad_line), cfg.adapter_sft.val_fraction, cfg.seed)
-    loaders = [DataLoader(FusedDataset(part, tok, personas, jc.max_length), batch_size=jc.batch_size, shuffle=shuffle,
-                          collate_fn=collate(tok.pad_token_id, ("label",)), generator=torch.Generator().manual_seed(cfg.seed))
+    loaders = [train_loader(FusedDataset(part, tok, personas, jc.max_length), jc.batch_size, cfg.seed,
+                            collate(tok.pad_token_id, ("label",)), shuffle)
                for part, shuffle in ((train, True), (val or train, False))]
     rc = cfg.router
     module = JointModule(_builder(cfg, ctx.outputs), {"gate": rc.gate, "temperature": rc.temperature, "top_k": rc.top_k},

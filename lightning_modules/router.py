@@ -20,6 +20,7 @@ from torchmetrics.classification import MultilabelF1Score
 from tqdm.auto import tqdm
 
 from datamodules.io import atomic_write_bytes
+from datamodules.loaders import train_loader
 from datamodules.personas import load_personas
 from datamodules.situations import Situation, load_situations, split_situations
 from experiments.config import RouterConfig, config_hash, project_path, to_container
@@ -203,5 +204,4 @@ def _bounds(sizes: list[int]) -> dict[str, tuple[int, int]]:
 
 
 def _loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=g if shuffle else None)
+    return train_loader(TensorDataset(x, y), batch_size, seed, shuffle=shuffle)

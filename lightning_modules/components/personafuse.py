@@ -119,7 +119,8 @@ def _score_options(model, prompt: torch.Tensor, option_ids: list[list[int]], gat
     if rest == 0:  # single-token options (letters): the prompt's last position scores them all
         return scores
     n, length = len(option_ids), prompt.shape[1]
-    cache = out.past_key_values
+    cache_key = "cache" if "cache" in out else "past_key_values"  # transformers ≥5.2x renamed it
+    cache = out[cache_key]
     cache.batch_repeat_interleave(n)
     # Feed option tokens 0..L-2 after the shared prompt; position t predicts token t+1. Right padding
     # is harmless: padded positions come after every token we read.
@@ -130,7 +131,7 @@ def _score_options(model, prompt: torch.Tensor, option_ids: list[list[int]], gat
         ids[j, : len(opt) - 1] = torch.tensor(opt[:-1])
         mask[j, length : length + len(opt) - 1] = 1
     with _gated(model, None if gates is None else gates.expand(n, -1)):
-        logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_key: cache}).logits
     logp = torch.log_softmax(logits.float(), dim=-1)
     for j, opt in enumerate(option_ids):
         scores[j] += float(sum(logp[j, t - 1, opt[t]] for t in range(1, len(opt))))

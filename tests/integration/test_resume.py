@@ -72,3 +72,24 @@ def test_interrupted_pipeline_whose_store_was_deleted_starts_fresh_runs(tmp_path
     assert final["complete"] and final["run_id"] != "f" * 32
     client = mlflow.MlflowClient(uri)
     assert client.get_run(final["run_id"]).info.status == "FINISHED"
+
+
+def test_changed_config_sets_old_stage_outputs_aside_instead_of_resuming_them(tmp_path):
+    """A rerun with other settings must not resume the old run's checkpoints: its folder is kept
+    aside as <stage>.superseded-<hash> and the stage trains from step 0 under the new config."""
+    out, uri = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = subprocess.run(_cmd(out, uri) + ["trainer.max_steps=4", "trainer.log_every_n_steps=1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    old_state = json.loads((out / "adapter_sft" / "state.json").read_text())
+    second = subprocess.run(_cmd(out, uri) + ["trainer.max_steps=6", "adapter_sft.lr=1e-3", "trainer.log_every_n_steps=1"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "config changed since its last run" in second.stderr
+    kept = out / f"adapter_sft.superseded-{old_state['hash'][:8]}"
+    assert (kept / "checkpoints" / "step=4.ckpt").exists()  # the old outputs are kept, not deleted
+    new_state = json.loads((out / "adapter_sft" / "state.json").read_text())
+    assert new_state["run_id"] != old_state["run_id"] and new_state["result"]["steps"] == 6
+    import mlflow
+
+    history = mlflow.MlflowClient(uri).get_metric_history(new_state["run_id"], "train/loss")
+    assert min(m.step for m in history) < 4  # trained from step 0 again, not resumed from the old step 4
