@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import subprocess
 import sys
@@ -30,6 +31,30 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as err:
         console.print(f"[bold red]error:[/] {err}")
         return 2
+    except Exception as err:
+        full = _disk_full(err)
+        if full is None:
+            raise
+        where = f" while writing {full.filename}" if getattr(full, "filename", None) else ""
+        console.print(f"[bold red]error: disk full[/]{where}: {full.strerror or full}. Every finished file was "
+                      "written whole (temporary file + rename) and is kept: free space, then rerun the same command to resume.")
+        return 3
+
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _disk_full(err: BaseException):
+    """The out-of-space OSError behind `err` (Lightning, MLflow and sqlite wrap it), else None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _NO_SPACE:
+            return err
+        if "database or disk is full" in str(err):  # sqlite reports ENOSPC as SQLITE_FULL
+            return OSError(errno.ENOSPC, "database or disk is full (MLflow store)")
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

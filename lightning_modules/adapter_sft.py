@@ -20,7 +20,7 @@ from datamodules.personas import load_personas
 from datamodules.sft import IGNORE_INDEX, PersonaSFTDataModule, SFTRecord, load_sft_records, persona_example_records
 from experiments.config import project_path, project_root
 from lightning_modules.common import (
-    build_trainer, gathered_parameters, last_checkpoint, persona_model_factory, seed_everything, zero3_model_init,
+    adamw, build_trainer, gathered_parameters, last_checkpoint, persona_model_factory, seed_everything, zero3_model_init,
 )
 
 
@@ -75,7 +75,7 @@ class AdapterSFTModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        return adamw(params, self.lr, self.weight_decay)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if ".lora_" in k}

@@ -22,7 +22,7 @@ from datamodules.loaders import train_loader
 from datamodules.personas import PersonaSet, load_personas
 from datamodules.sft import IGNORE_INDEX, collate, encode_example
 from experiments.config import project_path
-from lightning_modules.common import build_trainer, last_checkpoint, seed_everything
+from lightning_modules.common import adamw, build_trainer, last_checkpoint, seed_everything
 from lightning_modules.components.personafuse import assemble_folder
 from lightning_modules.components.router import normalise_gates, router_loss, save_router
 
@@ -65,7 +65,7 @@ class JointModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.fuse.persona_model.parameters() if p.requires_grad] + list(self.fuse.router.parameters())
-        return torch.optim.AdamW(params, lr=self.lr)
+        return adamw(params, self.lr)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if ".lora_" in k or ".router." in k}

@@ -6,6 +6,7 @@ trains the small MLP on cached embeddings.
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -95,15 +96,53 @@ class BaseHiddenEncoder(nn.Module):
         texts = [conversation_text(self.tokenizer, c) for c in conversations]
         batch = _tokenize(self.tokenizer, texts, self.max_length, self._device(), special_tokens=False)
         gate_holder = getattr(self.model, "gates", None)
-        if gate_holder is not None:  # a PersonaLoRAModel: read the base model, experts off
-            with self.model.gates(None):
-                out = self.model(**batch, output_hidden_states=True)
-        else:
-            out = self.model(**batch, output_hidden_states=True)
-        return _mean_pool(out.hidden_states[self.layer], batch["attention_mask"])
+        experts_off = self.model.gates(None) if gate_holder is not None else nullcontext()
+        with experts_off:  # a PersonaLoRAModel reads the base model
+            hidden = hidden_state_at(self.model, self.layer, batch)
+        return _mean_pool(hidden, batch["attention_mask"])
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+class _StopForward(Exception):
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+
+def hidden_state_at(model: nn.Module, layer: int, batch: dict) -> torch.Tensor:
+    """`model(**batch, output_hidden_states=True).hidden_states[layer]`, without running the
+    decoder layers after `layer` or the LM head: routing reads a middle layer, so this halves its cost.
+
+    The forward stops by an exception raised from a hook on the last layer needed; index 0 (the
+    embeddings) and the last index (which includes the final norm) take the full forward.
+    """
+    blocks = _decoder_blocks(model)
+    n = len(blocks) if blocks is not None else None
+    index = layer if layer >= 0 or n is None else n + 1 + layer
+    if blocks is None or not 0 < index < n:
+        return model(**batch, output_hidden_states=True, logits_to_keep=1).hidden_states[layer]
+
+    def stop(module, args, output):
+        raise _StopForward(output[0] if isinstance(output, tuple) else output)
+
+    handle = blocks[index - 1].register_forward_hook(stop)
+    try:
+        model(**batch, logits_to_keep=1)
+    except _StopForward as done:
+        return done.hidden
+    finally:
+        handle.remove()
+    raise RuntimeError(f"decoder layer {index - 1} did not run")
+
+
+def _decoder_blocks(model: nn.Module) -> Optional[nn.ModuleList]:
+    """The transformer's list of decoder layers (the ModuleList as long as config.num_hidden_layers)."""
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == count]
+    named_layers = [m for name, m in lists if name.split(".")[-1] in ("layers", "h", "blocks")]
+    return (named_layers or [m for _, m in lists] or [None])[0]
 
 
 class SentenceEncoder(nn.Module):

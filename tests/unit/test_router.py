@@ -1,8 +1,9 @@
-"""Router losses and the router stage's training signal, without Lightning or a language model."""
+"""Router losses and the router stage's training signal, mostly without Lightning or a language model."""
 from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from lightning_modules.components.router import Router, router_loss
@@ -47,3 +48,20 @@ def test_router_learns_a_separable_labelling():
         opt.step()
     pred = torch.sigmoid(router(x)) > 0.5
     assert (pred == labels.bool()).float().mean() > 0.97
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2, -1, -2])
+def test_hidden_state_at_equals_full_forward_hidden_states(tiny_model, layer):
+    """The early-exit read of one layer equals output_hidden_states, for plain and persona models."""
+    from lightning_modules.components.persona_lora import PersonaLoRAModel
+    from lightning_modules.components.router import hidden_state_at
+
+    model, tok = tiny_model
+    batch = tok(["hello there, how are you", "hi"], return_tensors="pt", padding=True)
+    batch = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        want = model(**batch, output_hidden_states=True).hidden_states[layer]
+        torch.testing.assert_close(hidden_state_at(model, layer, batch), want)
+        persona = PersonaLoRAModel(model, ["a", "b"], r=2).eval()
+        with persona.gates(None):
+            torch.testing.assert_close(hidden_state_at(persona, layer, batch), want)
