@@ -187,7 +187,7 @@ class PersonaLoRALinear(nn.Module):
         merged_buf = _buffer(workspace, "merged", size, w.dtype, w.device)
         mask_buf = _buffer(workspace, "mask", size, torch.bool, w.device)
         record = MergeRecord([], w.numel(), w.view(-1)[_probe_index(w.numel(), w.device)], torch.get_num_threads(),
-                             (self.lora_A._version, self.lora_B._version))
+                             self._expert_versions())
         for start, end in self._row_blocks():
             n = (end - start) * in_features
             block = w[start:end]
@@ -212,6 +212,11 @@ class PersonaLoRALinear(nn.Module):
             block.copy_(merged)
         return record
 
+    def _expert_versions(self) -> tuple:
+        """In-place-write counters of the expert tensors; inference tensors (experts loaded under
+        torch.inference_mode, as in the evaluate stage) have none and cannot be changed outside it."""
+        return tuple(None if t.is_inference() else t._version for t in (self.lora_A, self.lora_B))
+
     @torch.no_grad()
     def unmerge_(self, gates: torch.Tensor, record: Optional["MergeRecord"], workspace: Optional[dict] = None) -> None:
         """Undo `merge_` exactly: W ← (W − ΔW) block by block, with the recorded elements put back."""
@@ -221,7 +226,7 @@ class PersonaLoRALinear(nn.Module):
         if record.probe is None:
             w.copy_(record.blocks[0][3])
             return
-        if (self.lora_A._version, self.lora_B._version) != record.versions:
+        if self._expert_versions() != record.versions:
             raise RuntimeError("experts changed while merged into the base weights; cannot restore them exactly")
         current = torch.get_num_threads()
         if current != record.threads:  # a CPU matmul's summation order may depend on the thread count

@@ -329,3 +329,24 @@ def test_copy_restore_merges_the_same_and_restores_bit_exactly(persona):
         merged = model(**ids).logits
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-4)
     assert all(torch.equal(layer.base.weight, before[n]) for n, layer in zip(model.layer_names, model.persona_layers()))
+
+
+def test_merge_under_inference_mode_with_experts_loaded_there(tiny_model):
+    """The evaluate stage loads experts inside Lightning's predict loop (torch.inference_mode), so
+    they are inference tensors without version counters; merging must still work and restore."""
+    base, tok = tiny_model
+    ids = tok(["hello there", "hi"], return_tensors="pt", padding=True)
+    gates = torch.tensor([[0.3, 0.0, 0.7, 0.2]])
+    with torch.inference_mode():
+        model = PersonaLoRAModel(base, POLES, r=4, alpha=8, dropout=0.0)
+        _randomise(model)
+        model.eval()
+        before = _base_weights(model)
+        with model.gates(gates.expand(2, -1)):
+            unmerged = model(**ids).logits
+        with model.gates(gates, merge=True):
+            assert model.state.merged
+            merged = model(**ids).logits
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-4)
+    for name, layer in zip(model.layer_names, model.persona_layers()):
+        assert torch.equal(layer.base.weight, before[name]), name
