@@ -9,10 +9,12 @@ setup:
 quickstart: setup
 	$(VENV)/bin/personafuse run experiments/quickstart.yaml
 
-test: setup
+test:
+	WITH_DEEPSPEED=1 bash scripts/setup.sh
 	$(VENV)/bin/python -m pytest
 
-test-all: setup
+test-all:
+	WITH_DEEPSPEED=1 bash scripts/setup.sh
 	$(VENV)/bin/python -m pytest -m "not gpu"
 
 ui: setup

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -45,7 +46,9 @@ def log_comparison(ctx, metrics: dict[str, dict[str, float]], headline: Sequence
 
 
 def _fmt(value) -> str:
-    return "—" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def _csv(header: list[str], rows: list[list]) -> str:

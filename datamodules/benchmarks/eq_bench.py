@@ -104,7 +104,8 @@ class EQBench(Benchmark):
     def aggregate(self, records: list[dict]) -> dict[str, float]:
         scores = [r["score"] for r in records if r["parsed"]]
         return {
-            "eq_bench/score": 10 * mean(scores),
+            # no parsed item: the score is undefined (NaN, shown as "—"), not 0, which would read as "about random"
+            "eq_bench/score": 10 * mean(scores) if scores else math.nan,
             "eq_bench/parsed": float(len(scores)),
             "eq_bench/parsed_fraction": len(scores) / len(records) if records else 0.0,
         }

@@ -44,7 +44,8 @@ def objective_value(runs: list, objective: ObjectiveSpec) -> float:
             continue
         if objective.system and tags.get("system") != objective.system:
             continue
-        values = [v for k, v in run.data.metrics.items() if fnmatchcase(k, objective.metric)]
+        # NaN is an undefined metric (e.g. EQ-Bench with no parsed answer): not a value to rank by
+        values = [v for k, v in run.data.metrics.items() if fnmatchcase(k, objective.metric) and v == v]
         if values:
             hits.append((run, sum(values) / len(values)))
     if not hits:

@@ -91,6 +91,9 @@ def test_eq_bench_item_scores_by_hand():
     assert metrics["eq_bench/score"] == pytest.approx(10 * (10 + 7.4407123) / 2, abs=1e-5)
     assert metrics["eq_bench/parsed"] == 2
     assert metrics["eq_bench/parsed_fraction"] == pytest.approx(2 / 5)
+    # nothing parsed: the score is undefined, not 0 (which would read as "about random")
+    none_parsed = bench.score_records(records[2:])
+    assert math.isnan(none_parsed["eq_bench/score"]) and none_parsed["eq_bench/parsed"] == 0
 
 
 def test_eq_bench_parsing_rules():
@@ -311,7 +314,8 @@ def test_evaluate_equals_score_records(name):
     assert len(records) == 20 and model.generate_calls + model.logprob_calls == 4   # ceil(20 / 6) batches
     assert metrics == bench.score_records(records)
     assert metrics == bench.score_records(json.loads(json.dumps(records)))          # a saved records file
-    assert all(math.isfinite(v) for v in metrics.values())
+    undefined = {"eq_bench/score"} if metrics.get("eq_bench/parsed") == 0 else set()  # NaN: nothing parsed
+    assert all(math.isfinite(v) for k, v in metrics.items() if k not in undefined)
     for record in records:
         assert {"item_id", "prompt", "reference", "parsed_answer"} <= set(record)
         assert {"output", "logprobs", "emotion_logprobs"} & set(record)
