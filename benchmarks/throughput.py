@@ -213,7 +213,7 @@ def build_systems(args, base, tok, workdir: Path):
         layer.lora_B.data.normal_(0.0, 0.02, generator=gen)
     pm.eval()
     router = Router(base.config.hidden_size, len(POLES), hidden=256, dropout=0.0).eval()
-    meta = {"encoder": "base_hidden", "layer": -1, "gate": "sigmoid", "temperature": 1.0, "top_k": 3,
+    meta = {"encoder": "base_hidden", "layer": args.router_layer, "gate": "sigmoid", "temperature": 1.0, "top_k": 3,
             "expert_names": POLES}
     fuse = PersonaFuse(pm, tok, router, meta).eval()
 
@@ -536,7 +536,7 @@ def memory_probe(args) -> dict:
             layer.lora_B.data.normal_(0.0, 0.02)
             expert_bytes += (layer.lora_A.numel() + layer.lora_B.numel()) * layer.lora_A.element_size()
         pm.eval()
-        meta = {"encoder": "base_hidden", "layer": -1, "gate": "sigmoid", "temperature": 1.0, "top_k": 3}
+        meta = {"encoder": "base_hidden", "layer": args.router_layer, "gate": "sigmoid", "temperature": 1.0, "top_k": 3}
         fuse = PersonaFuse(pm, tok, Router(base.config.hidden_size, len(POLES), 256, 0.0).eval(), meta)
         run = lambda n: fuse.generate(conversations(batch), n)  # noqa: E731
         hf = base
@@ -563,7 +563,8 @@ def bench_memory(args) -> dict:
     out = {}
     for probe in ("base:1", "personafuse:1", "personafuse_copy:1", "base:8", "personafuse:8"):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", probe, "--threads", str(args.threads),
-               "--memory-tokens", str(args.memory_tokens), "--rank", str(args.rank), "--model", args.model]
+               "--memory-tokens", str(args.memory_tokens), "--rank", str(args.rank), "--model", args.model,
+               "--router-layer", str(args.router_layer)]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0:
             raise RuntimeError(f"memory probe {probe} failed:\n{proc.stderr[-3000:]}")
@@ -643,7 +644,8 @@ def render(args, flops, gen, merge_cost, sft, datagen, memory, xlora_note):
     floor = fm["floor"]
 
     parts.append(f"# PersonaFuse throughput — {args.model}\n\n{args.threads} intra-op thread(s), {args.repeats} "
-                 f"repeat(s), variants interleaved per repeat. Cells: median [min–max] over repeats; ratios are "
+                 f"repeat(s), variants interleaved per repeat, router reading layer {args.router_layer}. "
+                 f"Cells: median [min–max] over repeats; ratios are "
                  f"paired per repeat. Command: `.venv/bin/python benchmarks/throughput.py"
                  f"{' --quick' if args.quick else ''}`.")
 
@@ -752,9 +754,9 @@ def render(args, flops, gen, merge_cost, sft, datagen, memory, xlora_note):
         parts.append(f"## 4. Peak memory while generating {args.memory_tokens} tokens (VmHWM, one subprocess each)\n\n"
                      + md_table(["batch", "base peak MiB", "routed: routing peak MiB", "routed: generation peak MiB",
                                  "Δ (max) MiB", "experts MiB", "budget = base + 1.2 × experts", "verdict"], rows)
-                     + "\n\nRouting runs the base model over the prompts with output_hidden_states=True; the "
-                     "router encoder (lightning_modules/components/router.py) does not pass logits_to_keep, so the "
-                     "full-vocabulary logits of every prompt token are materialised (batch × prompt × vocab × 4 B).")
+                     + f"\n\nRouting runs the base model over the prompts up to the router's layer ({args.router_layer}) "
+                     "and stops there (lightning_modules/components/router.py: hidden_state_at; no LM head, no "
+                     "other layers' hidden states kept).")
         targets["routed_memory"] = ok_all
         if "personafuse_copy:1" in memory:
             c, b = memory["personafuse_copy:1"], memory["base:1"]
@@ -853,6 +855,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--memory-tokens", type=int, default=None, help="new tokens in the memory probes (default 32)")
     p.add_argument("--only", nargs="*", choices=["gen", "sft", "datagen", "memory", "flops"],
                    help="run only these sections")
+    p.add_argument("--router-layer", type=int, default=None,
+                   help="hidden-state layer the router reads (default: router.layer of experiments/quickstart.yaml)")
     p.add_argument("--out", default=None, help="Markdown report path")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
@@ -864,6 +868,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     for key, (full, small) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, small if quick else full)
+    if args.router_layer is None:
+        from experiments.config import load_config
+
+        args.router_layer = load_config(ROOT / "experiments" / "quickstart.yaml", []).router.layer
     return args
 
 

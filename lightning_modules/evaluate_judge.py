@@ -9,6 +9,7 @@ answers are counted (`downstream/judge_parsed`) and left out of the means.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Optional
 
@@ -116,8 +117,8 @@ def _judge_system(judge, jc, items, replies, base_replies, pairwise: bool) -> li
 
 
 def _aggregate(records: list[dict], items) -> dict[str, float]:
-    def mean(xs):
-        return sum(xs) / len(xs) if xs else 0.0
+    def mean(xs):  # NaN (shown as "—") when nothing was parsed: 0 would read as a real, very low score
+        return sum(xs) / len(xs) if xs else math.nan
 
     scored = [r for r in records if r["scores"]]
     out = {"downstream/judge_parsed": float(len(scored)),
@@ -126,7 +127,7 @@ def _aggregate(records: list[dict], items) -> dict[str, float]:
         in_domain = [r for r in scored if r["domain"] == domain]
         out[f"downstream/{domain}/judge_score"] = mean([mean(list(r["scores"].values())) for r in in_domain])
     wins = [r["win"] for r in records if r["win"] is not None]
-    if any(r["pairwise"] for r in records):
-        out["downstream/win_rate_vs_base"] = mean(wins)
-        out["downstream/pairwise_parsed"] = float(len(wins))
+    # every system logs the same keys; base against itself has no pairwise verdicts (NaN, 0 parsed)
+    out["downstream/win_rate_vs_base"] = mean(wins)
+    out["downstream/pairwise_parsed"] = float(len(wins))
     return out

@@ -142,7 +142,8 @@ def run(ctx) -> dict:
     module = JointModule(_builder(cfg, ctx.outputs), {"gate": rc.gate, "temperature": rc.temperature, "top_k": rc.top_k},
                          rc.loss, personas.trait_pairs(), jc.router_loss_weight, jc.lr)
     trainer = build_trainer(cfg.trainer, ctx.stage_dir, ctx.tracking_uri, ctx.run_id,
-                            jc.max_steps if jc.max_steps is not None else cfg.trainer.max_steps)
+                            jc.max_steps if jc.max_steps is not None else cfg.trainer.max_steps,
+                            find_unused_parameters=True)  # the router's contrastive head when that loss is off
     resume = last_checkpoint(ctx.stage_dir)
     before = None if resume else _lm_loss(trainer.validate(module, loaders[1], verbose=False))
     trainer.fit(module, loaders[0], loaders[1], ckpt_path=resume)

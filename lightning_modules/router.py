@@ -102,7 +102,7 @@ def embed_situations(encoder, items: Sequence[Situation], batch_size: int = 16) 
 
 def cached_embeddings(ctx, items: Sequence[Situation]) -> torch.Tensor:
     """Embeddings of every situation, cached per (encoder config, model, corpus) in the stage folder."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     cfg = ctx.cfg
     key = config_hash({"encoder": cfg.router.encoder, "layer": cfg.router.layer, "model": to_container(cfg.model),
@@ -112,9 +112,8 @@ def cached_embeddings(ctx, items: Sequence[Situation]) -> torch.Tensor:
         return load_file(str(path))["embeddings"]
     encoder = _encoder(cfg)
     emb = embed_situations(encoder, items)
-    tmp = path.with_suffix(".tmp")
-    save_file({"embeddings": emb.contiguous()}, str(tmp))
-    tmp.replace(path)
+    if ctx.is_rank_zero:  # every rank embeds (each needs them); one writes the cache
+        atomic_write_bytes(path, save({"embeddings": emb.contiguous()}))
     return emb
 
 
@@ -142,7 +141,7 @@ def run(ctx) -> dict:
     router = Router(emb.shape[1], len(personas.ids), rc.hidden, rc.dropout)
     module = RouterModule(router, personas.ids, rc.loss, personas.trait_pairs(), rc.lr)
     trainer = build_trainer(cfg.trainer, ctx.stage_dir, ctx.tracking_uri, ctx.run_id, max_steps=-1,
-                            max_epochs=rc.max_epochs, checkpoint=False)
+                            max_epochs=rc.max_epochs, checkpoint=False, find_unused_parameters=True)
     trainer.fit(module, loaders["train"], loaders["val"])
     test = {k: float(v) for k, v in trainer.test(module, loaders["test"], verbose=False)[0].items()}
     folder = ctx.stage_dir / "router"

@@ -13,10 +13,9 @@ Two real differences between the runs are removed by the data, not by a looser t
   poles), so every example has the same number of loss tokens. With uneven lengths DDP weights the
   tokens of the shorter half more; a global token count (all-reduced) in the loss would remove that.
 
-The stage runs through `lightning_modules.adapter_sft.run`, driven by this file as a script: Lightning
-re-executes the script for rank 1. (`personafuse run ... trainer.strategy=ddp_cpu` cannot be used
-yet: the pipeline takes an exclusive lock on its output folder in every rank, so rank 1 fails with
-PipelineLocked; see the pipeline's _exclusive.)
+The equivalence test runs `lightning_modules.adapter_sft.run` with this file as the driver script
+(Lightning re-executes it for rank 1), so both runs get the same fresh MLflow run setup. The last
+test runs the whole CLI under DDP, where the pipeline's rank awareness matters.
 """
 from __future__ import annotations
 
@@ -110,3 +109,25 @@ def main(out: Path, uri: str, exp_id: str, run_id: str, overrides: list[str]) ->
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:])
+
+
+def test_cli_pipeline_under_ddp_two_cpu_processes(tmp_path):
+    """`personafuse run … trainer.strategy=ddp_cpu trainer.devices=2` end to end: Lightning starts
+    rank 1 by re-running the command; rank 1 trains but takes no lock, writes and logs nothing, so
+    the store holds one pipeline run and one run per stage."""
+    import mlflow
+
+    out, uri = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [sys.executable, "-m", "experiments.cli", "run", str(ROOT / "experiments/smoke.yaml"),
+           "stages=[adapter_sft,router]", "trainer.strategy=ddp_cpu", "trainer.devices=2", "trainer.max_steps=2",
+           f"output_dir={out}", f"tracking.tracking_uri={uri}"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for stage in ("adapter_sft", "router"):
+        assert json.loads((out / stage / "state.json").read_text())["complete"], stage
+    assert len(list((out / "adapter_sft" / "adapters").iterdir())) == 10
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert sorted(r.data.tags["stage"] for r in runs) == ["adapter_sft", "pipeline", "router"]
+    assert {r.info.status for r in runs} == {"FINISHED"}

@@ -39,6 +39,8 @@ def test_run_hierarchy_and_metric_keys(smoke_run):
     keys |= {f"mpi/{t}" for t in ("openness", "conscientiousness", "extraversion", "agreeableness", "neuroticism")}
     for name, run in systems.items():
         assert keys <= set(run.data.metrics), f"{name} lacks {keys - set(run.data.metrics)}"
+    # the same metric keys in every system run, so MLflow's compare view lines them up
+    assert len({frozenset(run.data.metrics) for run in systems.values()}) == 1
     eval_artifacts = {a.path for a in client.list_artifacts(eval_id)}
     assert {"comparison.csv", "comparison.md", "benchmarks_by_system.png", "big_five_by_system.png",
             "comparison_table.json"} <= eval_artifacts
