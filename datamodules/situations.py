@@ -226,7 +226,11 @@ class SituationsDataModule(L.LightningDataModule):
         return [b for b in self.batches() if self.only is None or b[0] in self.only]
 
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(_BatchList(self.pending()), batch_size=1, shuffle=False, collate_fn=_unwrap)
+        batches = self.pending()
+        world = self.trainer.world_size if self.trainer is not None else 1
+        # Lightning's predict sampler needs a batch for every rank: pad with empty ones (index -1)
+        batches += [(-1, [])] * max(0, world - len(batches))
+        return DataLoader(_BatchList(batches), batch_size=1, shuffle=False, collate_fn=_unwrap)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         # Situations, not tensors (and frozen dataclasses, which Lightning's default copy rejects):

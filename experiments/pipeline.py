@@ -96,8 +96,10 @@ def stage_hash(cfg: ExperimentConfig, stage: str, upstream: list[str]) -> str:
     return config_hash({"stage": stage, "config": payload, "upstream": upstream})
 
 
-# Stages whose Trainer spans every process of a multi-device run; the others run on rank 0 only.
-DISTRIBUTED_STAGES = {"adapter_sft", "sft_baseline", "router", "joint"}
+# Stages whose Trainer spans every process of a multi-device run (datagen and evaluate: under DDP
+# each rank takes its share of the batches / jobs; otherwise rank 0 runs them alone and the other
+# ranks return at once). Every other stage runs on rank 0 only.
+DISTRIBUTED_STAGES = {"datagen", "adapter_sft", "sft_baseline", "router", "joint", "evaluate"}
 
 
 def global_rank() -> int:
@@ -135,12 +137,13 @@ def _run_follower(cfg: ExperimentConfig, out: Path, poll_s: float = 1.0) -> dict
         h = stage_hash(cfg, stage, hashes)
         state_file = out / stage / "state.json"
         state = _wait_for(state_file, lambda st: st.get("hash") == h and (stage in DISTRIBUTED_STAGES or st.get("complete")), poll_s)
-        if state.get("complete"):
-            results[stage] = state["result"]
-        else:
+        if not state.get("complete"):
             exp_id = tracking.get_or_create_experiment(cfg.tracking.experiment or cfg.name, uri)
             ctx = StageContext(cfg, stage, out / stage, out, uri, exp_id, state["run_id"], dict(results))
-            results[stage] = registry.STAGES.get(stage)(ctx) or {}
+            registry.STAGES.get(stage)(ctx)
+            # later stages read this one's outputs (paths, stats) as rank 0 recorded them
+            state = _wait_for(state_file, lambda st: st.get("hash") == h and st.get("complete"), poll_s)
+        results[stage] = state["result"]
         hashes.append(h)
     return results
 

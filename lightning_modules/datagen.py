@@ -90,6 +90,8 @@ class DatagenModule(L.LightningModule):
 
     def predict_step(self, batch: tuple[int, list[Situation]], batch_idx: int) -> dict:
         index, situations = batch
+        if not situations:  # padding: more ranks than pending batches
+            return {"batch": index, "written": 0}
         generated = self.cot.run_batch(situations, derive_seed(self.seed, "batch", index))
         written = 0
         for situation, gen in zip(situations, generated):
@@ -113,6 +115,8 @@ class DatagenModule(L.LightningModule):
 def run(ctx) -> dict:
     """Generate (or resume) persona data for cfg.datagen.split, then write and log the datasets."""
     cfg: ExperimentConfig = ctx.cfg
+    if cfg.datagen.teacher.kind != "local" and not ctx.is_rank_zero:
+        return {}  # an HTTP teacher is called from rank 0 alone (its own concurrency limits apply)
     personas_path, corpus_path = project_path(cfg.personas.file), project_path(cfg.data.situations)
     personas = load_personas(personas_path)
     corpus = load_situations(corpus_path, personas, cfg.data.on_bad_line)

@@ -1,7 +1,7 @@
 """Stage `evaluate`: every system on every benchmark, one MLflow run per system, side by side.
 
-Work is a list of (system, benchmark) jobs run through Lightning's predict loop, so several
-devices split the jobs. Each finished job is cached in the stage folder, so a killed evaluation
+Work is a list of (system, benchmark) jobs run through Lightning's predict loop, so under DDP the
+ranks split the jobs; rank 0 gathers them from the job cache in order. Each finished job is cached in the stage folder, so a killed evaluation
 resumes per system and benchmark. The stage then logs a comparison table, a bar chart per
 benchmark metric and a Big Five profile chart.
 
@@ -49,7 +49,9 @@ class EvaluateModule(L.LightningModule):
         self._system_name: Optional[str] = None
         self._system: Optional[ChatModel] = None
 
-    def predict_step(self, job: EvalJob, batch_idx: int = 0) -> dict:
+    def predict_step(self, job: Optional[EvalJob], batch_idx: int = 0) -> Optional[dict]:
+        if job is None:  # padding: more ranks than jobs
+            return None
         path = self.cache_dir / job.system / f"{job.benchmark}.json"
         cached = read_json(path)
         if cached is not None:
@@ -188,10 +190,16 @@ def run(ctx) -> dict:
     benchmarks = build_benchmarks(ecfg)
     jobs = [EvalJob(s, b) for s in ecfg.systems for b in benchmarks]
     module = EvaluateModule(factory, benchmarks, ctx.stage_dir / "jobs", ecfg.batch_size)
-    trainer = L.Trainer(accelerator=ctx.cfg.trainer.accelerator, devices=1, logger=False,
-                        enable_checkpointing=False, enable_model_summary=False, inference_mode=True)
-    loader = DataLoader(jobs, batch_size=None, shuffle=False)
-    results = trainer.predict(module, loader)
+    trainer, sharded = _trainer(ctx.cfg.trainer)
+    if not sharded and not ctx.is_rank_zero:
+        return {}  # rank 0 evaluates alone
+    padding = [None] * max(0, trainer.world_size - len(jobs))  # Lightning's sampler needs a job per rank
+    loader = DataLoader(jobs + padding, batch_size=None, shuffle=False, collate_fn=lambda job: job)
+    trainer.predict(module, loader, return_predictions=False)
+    trainer.strategy.barrier()  # every rank's jobs are cached before rank 0 gathers them
+    if not ctx.is_rank_zero:
+        return {}
+    results = [module.predict_step(job) for job in jobs]  # each read back from its cache file, in job order
     by_system = _group(results)
     downstream = {}
     if ecfg.judge.enabled:
@@ -203,6 +211,19 @@ def run(ctx) -> dict:
     run_ids = _log_systems(ctx, by_system)
     table = log_comparison(ctx, {s: v["metrics"] for s, v in by_system.items()}, HEADLINE_METRICS)
     return {"systems": run_ids, "table": str(table)}
+
+
+def _trainer(t) -> tuple[L.Trainer, bool]:
+    """(predict Trainer, whether the ranks share the jobs). Under DDP every rank takes whole jobs;
+    sharded training strategies (FSDP, DeepSpeed) buy nothing for inference, so rank 0 runs alone."""
+    from lightning_modules.common import build_strategy
+
+    sharded = t.strategy in ("ddp", "ddp_cpu") and t.devices * t.num_nodes > 1
+    accelerator = "cpu" if t.strategy == "ddp_cpu" else t.accelerator
+    trainer = L.Trainer(accelerator=accelerator, devices=t.devices if sharded else 1, num_nodes=t.num_nodes if sharded else 1,
+                        strategy=build_strategy(t.strategy, accelerator) if sharded else "auto", logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, inference_mode=True)
+    return trainer, sharded
 
 
 def _group(results: list[dict]) -> dict[str, dict]:

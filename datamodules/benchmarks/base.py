@@ -55,11 +55,14 @@ def slug(text: str) -> str:
 
 
 def mean(values: Iterable[float]) -> float:
-    """Float64 mean through torchmetrics; 0.0 for no values so metric dicts stay finite."""
+    """Float64 mean through torchmetrics; 0.0 for no values so metric dicts stay finite.
+
+    Local only (sync_on_compute=False): evaluation runs on rank 0 of a multi-process run, and a
+    cross-rank sync would wait forever for ranks that are not evaluating."""
     values = [float(v) for v in values]
     if not values:
         return 0.0
-    metric = MeanMetric().set_dtype(torch.float64)
+    metric = MeanMetric(sync_on_compute=False).set_dtype(torch.float64)
     metric.update(torch.tensor(values, dtype=torch.float64))
     return float(metric.compute().item())
 

@@ -113,21 +113,24 @@ if __name__ == "__main__":
 
 def test_cli_pipeline_under_ddp_two_cpu_processes(tmp_path):
     """`personafuse run … trainer.strategy=ddp_cpu trainer.devices=2` end to end: Lightning starts
-    rank 1 by re-running the command; rank 1 trains but takes no lock, writes and logs nothing, so
-    the store holds one pipeline run and one run per stage."""
+    rank 1 by re-running the command when datagen's Trainer starts; rank 1 generates its share of
+    the batches and trains, but takes no lock and logs nothing, and waits while rank 0 evaluates, so
+    the store holds one pipeline run and one run per stage (and system)."""
     import mlflow
 
     out, uri = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = [sys.executable, "-m", "experiments.cli", "run", str(ROOT / "experiments/smoke.yaml"),
-           "stages=[adapter_sft,router]", "trainer.strategy=ddp_cpu", "trainer.devices=2", "trainer.max_steps=2",
+           "stages=[datagen,adapter_sft,router,evaluate]", "trainer.strategy=ddp_cpu", "trainer.devices=2",
+           "trainer.max_steps=2", "evaluate.systems=[base,personafuse]", "evaluate.judge.enabled=false",
            f"output_dir={out}", f"tracking.tracking_uri={uri}"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    for stage in ("adapter_sft", "router"):
+    for stage in ("datagen", "adapter_sft", "router", "evaluate"):
         assert json.loads((out / stage / "state.json").read_text())["complete"], stage
     assert len(list((out / "adapter_sft" / "adapters").iterdir())) == 10
     client = mlflow.MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
-    assert sorted(r.data.tags["stage"] for r in runs) == ["adapter_sft", "pipeline", "router"]
+    assert sorted(r.data.tags["stage"] for r in runs) == ["adapter_sft", "datagen", "evaluate", "evaluate", "evaluate",
+                                                          "pipeline", "router"]  # evaluate: stage + 2 systems
     assert {r.info.status for r in runs} == {"FINISHED"}
