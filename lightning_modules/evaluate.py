@@ -218,7 +218,7 @@ def _trainer(t) -> tuple[L.Trainer, bool]:
     sharded training strategies (FSDP, DeepSpeed) buy nothing for inference, so rank 0 runs alone."""
     from lightning_modules.common import build_strategy
 
-    sharded = t.strategy in ("ddp", "ddp_cpu") and t.devices * t.num_nodes > 1
+    sharded = t.strategy in ("ddp", "ddp_cpu")  # devices may be "auto": Lightning decides how many ranks
     accelerator = "cpu" if t.strategy == "ddp_cpu" else t.accelerator
     trainer = L.Trainer(accelerator=accelerator, devices=t.devices if sharded else 1, num_nodes=t.num_nodes if sharded else 1,
                         strategy=build_strategy(t.strategy, accelerator) if sharded else "auto", logger=False,
