@@ -115,7 +115,8 @@ class RandomStateCheckpoint(Callback):
 
     Lightning checkpoints hold the weights, optimizer and loop positions but not the RNG, so LoRA
     dropout after a resume would draw other masks than the uninterrupted run. (Lightning only
-    offers this privately, in `lightning.fabric.utilities.seed`.) Per process: each rank keeps its own.
+    offers this privately, in `lightning.fabric.utilities.seed`.) Under DDP the checkpoint holds
+    rank 0's state and every rank restores it; the ranks are seeded alike anyway (seed_everything).
     """
 
     def state_dict(self) -> dict:
