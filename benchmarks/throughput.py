@@ -29,10 +29,11 @@ It prints one table per section, the targets with PASS/FAIL, writes a Markdown r
 (`benchmarks/results.md`; `--quick` writes `outputs/benchmarks/results-quick.md`) atomically, and
 logs params, metrics and the report to MLflow (experiment `benchmarks`, the project's store).
 
-Threads: the default is one intra-op thread. On this shared 2-core machine two OpenMP threads
-collapse under oversubscription (measured: batch-1 decoding 21 tok/s with one thread, 2.3 with
-two); use --threads 2 (or more) on an idle machine. Absolute numbers move with the load on the
-machine: read the ratios.
+Threads: the default is PyTorch's own (one intra-op thread per physical core, or OMP_NUM_THREADS),
+the same for every variant, as a user would run. Run it on an otherwise idle machine: with another
+busy process on the same cores, OpenMP threads collapse under oversubscription (measured on this
+2-core machine: batch-1 decoding 21 tok/s with one thread, 2.3 with two). On a shared machine pass
+--threads 1. Absolute numbers move with the load on the machine: read the ratios.
 """
 from __future__ import annotations
 
@@ -837,7 +838,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small lengths, 1 repeat (CI smoke)")
     p.add_argument("--model", default="smollm2-135m-instruct", help="a built-in name, hub id or local path")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: see the docstring)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help="torch intra-op threads (default: PyTorch's, %(default)s here; 1 on a shared machine)")
     p.add_argument("--repeats", type=int, default=None, help="repeats per measurement (default 3; --quick 1)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank r (alpha = 2r)")
     p.add_argument("--gen-tokens-b1", type=int, default=None, help="new tokens at batch 1 (default 256)")
@@ -848,7 +850,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--xlora-tokens-b8", type=int, default=None, help="X-LoRA new tokens at batch 8 (default 2)")
     p.add_argument("--sft-batch", type=int, default=4)
     p.add_argument("--sft-seq", type=int, default=None, help="SFT sequence length (default 128)")
-    p.add_argument("--sft-steps", type=int, default=None, help="timed optimizer steps per variant (default 2)")
+    p.add_argument("--sft-steps", type=int, default=None, help="timed optimizer steps per variant (default 4)")
     p.add_argument("--sft-warmup", type=int, default=1, help="untimed steps first (optimizer state, allocator)")
     p.add_argument("--skip-gather-vs-fused", action="store_true", help="skip the one-hot gathered vs fused SFT loop")
     p.add_argument("--datagen-tokens", type=int, default=None, help="new tokens per conversation (default 16)")
@@ -863,7 +865,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     args = p.parse_args(argv)
     quick = args.quick
     defaults = {"repeats": (3, 1), "gen_tokens_b1": (256, 16), "gen_tokens_b8": (48, 8), "xlora_tokens_b1": (6, 4),
-                "xlora_tokens_b8": (2, 2), "unmerged_tokens": (48, 16), "sft_seq": (128, 32), "sft_steps": (2, 1), "datagen_tokens": (16, 4),
+                "xlora_tokens_b8": (2, 2), "unmerged_tokens": (48, 16), "sft_seq": (128, 32), "sft_steps": (4, 1), "datagen_tokens": (16, 4),
                 "memory_tokens": (32, 8)}
     for key, (full, small) in defaults.items():
         if getattr(args, key) is None:
