@@ -171,6 +171,8 @@ class AdapterSFTConfig:
     """Optimizer steps (None: trainer.max_steps)."""
     val_fraction: float = 0.15
     """Held-out fraction of the SFT records, per pole."""
+    export: str = "last"
+    """Experts to export: last (the final step) or best (the validated step with the lowest val/loss over all poles, kept as checkpoints/best-step=N.ckpt)."""
 
 
 @dataclass
@@ -385,6 +387,9 @@ def _schema_keys(schema: type, prefix: str = "") -> list[str]:
     return keys
 
 
+EXPORT_CHOICES = ("last", "best")
+
+
 def _check_registered(cfg: ExperimentConfig, source: str) -> None:
     """A YAML may only name registered things; say which key names an unknown one."""
     from experiments import registry
@@ -398,6 +403,9 @@ def _check_registered(cfg: ExperimentConfig, source: str) -> None:
         for name in names:
             if name not in reg:
                 raise ConfigError(f"{source}: key '{key}': {reg.unknown_message(name)}")
+    if cfg.adapter_sft.export not in EXPORT_CHOICES:
+        raise ConfigError(f"{source}: key 'adapter_sft.export': must be one of {list(EXPORT_CHOICES)}, "
+                          f"got {cfg.adapter_sft.export!r}")
     if not cfg.router.encoder.startswith("hf:") and cfg.router.encoder not in registry.ENCODERS:
         raise ConfigError(f"{source}: key 'router.encoder': {registry.ENCODERS.unknown_message(cfg.router.encoder)}")
 

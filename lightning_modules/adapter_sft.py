@@ -9,11 +9,12 @@ expert trained on the union of fused responses (the SFT baseline system).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from datamodules.personas import load_personas
@@ -22,6 +23,9 @@ from experiments.config import project_path, project_root
 from lightning_modules.common import (
     adamw, build_trainer, gathered_parameters, last_checkpoint, persona_model_factory, seed_everything, zero3_model_init,
 )
+
+
+VAL_LOSS = "val/loss"
 
 
 class AdapterSFTModule(L.LightningModule):
@@ -34,6 +38,7 @@ class AdapterSFTModule(L.LightningModule):
         self.expert_names = list(expert_names)
         self.lr, self.weight_decay = lr, weight_decay
         self.val_loss = torch.nn.ModuleDict({p: MeanMetric() for p in self.expert_names})
+        self.val_loss_all = MeanMetric()  # over every pole's tokens: what adapter_sft.export=best minimises
         self.strict_loading = False  # checkpoints hold the experts only
 
     def configure_model(self) -> None:
@@ -49,6 +54,8 @@ class AdapterSFTModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         _, per_example, tokens = self._step(batch)
+        self.val_loss_all.update(per_example, weight=tokens)
+        self.log(VAL_LOSS, self.val_loss_all, on_epoch=True, batch_size=per_example.shape[0])
         for e, pole in enumerate(self.expert_names):
             mask = batch["pole"] == e
             if mask.any():
@@ -92,11 +99,14 @@ def train_experts(ctx, records: list[SFTRecord], expert_names: Sequence[str]) ->
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.model.revision)
     data = PersonaSFTDataModule(records, tokenizer, expert_names, sft.batch_size, sft.max_length, sft.val_fraction, cfg.seed)
     max_steps = sft.max_steps if sft.max_steps is not None else cfg.trainer.max_steps
-    trainer = build_trainer(cfg.trainer, ctx.stage_dir, ctx.tracking_uri, ctx.run_id, max_steps)
+    best = _best_checkpoint(ctx.stage_dir) if sft.export == "best" else None
+    trainer = build_trainer(cfg.trainer, ctx.stage_dir, ctx.tracking_uri, ctx.run_id, max_steps,
+                            extra_callbacks=[best] if best else None)
     resume = last_checkpoint(ctx.stage_dir)
     before = {} if resume else _val_losses(trainer.validate(module, datamodule=data, verbose=False))
     trainer.fit(module, datamodule=data, ckpt_path=resume)
-    after = _val_losses(trainer.validate(module, datamodule=data, verbose=False))
+    exported = _exported_checkpoint(best)  # None: the weights in memory, i.e. the last step
+    after = _val_losses(trainer.validate(module, datamodule=data, ckpt_path=exported, verbose=False))
     adapters = ctx.stage_dir / "adapters"
     experts = [p for layer in module.model.persona_layers() for p in (layer.lora_A, layer.lora_B)]
     with gathered_parameters(trainer.strategy, experts):  # ZeRO-3: whole experts on every rank
@@ -106,7 +116,27 @@ def train_experts(ctx, records: list[SFTRecord], expert_names: Sequence[str]) ->
     if trainer.is_global_zero:
         ctx.log_artifact(adapters, "adapters")
     return {"adapters": str(adapters), "experts": list(expert_names), "steps": int(trainer.global_step),
+            "exported": "last" if exported is None else Path(exported).name,
             "val_loss_before": before, "val_loss_after": after, "train_records": len(records)}
+
+
+def _best_checkpoint(stage_dir: Path):
+    """Keeps the validated step with the lowest val/loss as checkpoints/best-step=N.ckpt. Its state
+    (best path and score) rides in last.ckpt, so a resumed run still knows which step was best."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return ModelCheckpoint(dirpath=stage_dir / "checkpoints", filename="best-{step}", monitor=VAL_LOSS, mode="min",
+                           save_top_k=1, save_on_train_epoch_end=False, auto_insert_metric_name=True)
+
+
+def _exported_checkpoint(best) -> Optional[str]:
+    """The best checkpoint to load before export, or None to export the last step's weights."""
+    if best is None:
+        return None
+    if not best.best_model_path or not Path(best.best_model_path).exists():
+        rank_zero_warn("adapter_sft.export=best: no validated step was checkpointed; exporting the last step")
+        return None
+    return best.best_model_path
 
 
 def _val_losses(results: list[dict]) -> dict[str, float]:
