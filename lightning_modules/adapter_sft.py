@@ -122,7 +122,8 @@ def train_experts(ctx, records: list[SFTRecord], expert_names: Sequence[str]) ->
 
 def _best_checkpoint(stage_dir: Path):
     """Keeps the validated step with the lowest val/loss as checkpoints/best-step=N.ckpt. Its state
-    (best path and score) rides in last.ckpt, so a resumed run still knows which step was best."""
+    (best path and score) rides in last.ckpt, which is written before that step's validation: a run
+    killed in between resumes with the previous best (see `_exported_checkpoint`)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     return ModelCheckpoint(dirpath=stage_dir / "checkpoints", filename="best-{step}", monitor=VAL_LOSS, mode="min",
@@ -130,7 +131,8 @@ def _best_checkpoint(stage_dir: Path):
 
 
 def _exported_checkpoint(best) -> Optional[str]:
-    """The best checkpoint to load before export, or None to export the last step's weights."""
+    """The best checkpoint to load before export, or None to export the last step's weights (also
+    when the tracked best file is gone, e.g. replaced after the checkpoint a resumed run started from)."""
     if best is None:
         return None
     if not best.best_model_path or not Path(best.best_model_path).exists():
