@@ -21,7 +21,8 @@ from datamodules.personas import load_personas
 from datamodules.sft import IGNORE_INDEX, PersonaSFTDataModule, SFTRecord, load_sft_records, persona_example_records
 from experiments.config import project_path, project_root
 from lightning_modules.common import (
-    adamw, build_trainer, gathered_parameters, last_checkpoint, persona_model_factory, seed_everything, zero3_model_init,
+    adamw, best_checkpoint, build_trainer, gathered_parameters, last_checkpoint, persona_model_factory, seed_everything,
+    zero3_model_init,
 )
 
 
@@ -99,13 +100,12 @@ def train_experts(ctx, records: list[SFTRecord], expert_names: Sequence[str]) ->
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.model.revision)
     data = PersonaSFTDataModule(records, tokenizer, expert_names, sft.batch_size, sft.max_length, sft.val_fraction, cfg.seed)
     max_steps = sft.max_steps if sft.max_steps is not None else cfg.trainer.max_steps
-    best = _best_checkpoint(ctx.stage_dir) if sft.export == "best" else None
     trainer = build_trainer(cfg.trainer, ctx.stage_dir, ctx.tracking_uri, ctx.run_id, max_steps,
-                            extra_callbacks=[best] if best else None)
+                            keep_best=VAL_LOSS if sft.export == "best" else None)
     resume = last_checkpoint(ctx.stage_dir)
     before = {} if resume else _val_losses(trainer.validate(module, datamodule=data, verbose=False))
     trainer.fit(module, datamodule=data, ckpt_path=resume)
-    exported = _exported_checkpoint(best)  # None: the weights in memory, i.e. the last step
+    exported = _exported_checkpoint(trainer) if sft.export == "best" else None  # None: the last step's weights
     after = _val_losses(trainer.validate(module, datamodule=data, ckpt_path=exported, verbose=False))
     adapters = ctx.stage_dir / "adapters"
     experts = [p for layer in module.model.persona_layers() for p in (layer.lora_A, layer.lora_B)]
@@ -120,25 +120,12 @@ def train_experts(ctx, records: list[SFTRecord], expert_names: Sequence[str]) ->
             "val_loss_before": before, "val_loss_after": after, "train_records": len(records)}
 
 
-def _best_checkpoint(stage_dir: Path):
-    """Keeps the validated step with the lowest val/loss as checkpoints/best-step=N.ckpt. Its state
-    (best path and score) rides in last.ckpt, which is written before that step's validation: a run
-    killed in between resumes with the previous best (see `_exported_checkpoint`)."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    return ModelCheckpoint(dirpath=stage_dir / "checkpoints", filename="best-{step}", monitor=VAL_LOSS, mode="min",
-                           save_top_k=1, save_on_train_epoch_end=False, auto_insert_metric_name=True)
-
-
-def _exported_checkpoint(best) -> Optional[str]:
-    """The best checkpoint to load before export, or None to export the last step's weights (also
-    when the tracked best file is gone, e.g. replaced after the checkpoint a resumed run started from)."""
+def _exported_checkpoint(trainer) -> Optional[str]:
+    """The kept best step to load before export, or None (with a warning) to export the last step."""
+    best = best_checkpoint(trainer)
     if best is None:
-        return None
-    if not best.best_model_path or not Path(best.best_model_path).exists():
         rank_zero_warn("adapter_sft.export=best: no validated step was checkpointed; exporting the last step")
-        return None
-    return best.best_model_path
+    return best
 
 
 def _val_losses(results: list[dict]) -> dict[str, float]:

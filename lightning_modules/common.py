@@ -142,14 +142,23 @@ def build_trainer(
     checkpoint: bool = True,
     extra_callbacks: Optional[list] = None,
     find_unused_parameters: bool = False,
+    keep_best: Optional[str] = None,
 ) -> L.Trainer:
-    """A Trainer that logs into the stage's MLflow run and checkpoints into the stage folder."""
+    """A Trainer that logs into the stage's MLflow run and checkpoints into the stage folder.
+
+    keep_best: a validation metric to minimise; the validated step with its lowest value is also
+    kept, as checkpoints/best-step=N.ckpt (see `best_checkpoint`)."""
     callbacks = [TQDMProgressBar(refresh_rate=1)] + list(extra_callbacks or [])
     if checkpoint:
         callbacks.append(ModelCheckpoint(
             dirpath=stage_dir / "checkpoints", filename="{step}", save_last=True, save_top_k=1,
             monitor=None, every_n_train_steps=max(1, cfg.checkpoint_every_n_steps), save_on_train_epoch_end=True,
         ))
+        if keep_best:
+            # Its state (best path and score) rides in last.ckpt, which is written before that step's
+            # validation: a run killed in between resumes with the previous best.
+            callbacks.append(ModelCheckpoint(dirpath=stage_dir / "checkpoints", filename="best-{step}", monitor=keep_best,
+                                             mode="min", save_top_k=1, save_on_train_epoch_end=False))
         callbacks.append(RandomStateCheckpoint())
     logger = MLFlowLogger(tracking_uri=tracking_uri, run_id=run_id)
     accelerator = cfg.accelerator if cfg.strategy != "ddp_cpu" else "cpu"
@@ -174,6 +183,13 @@ def build_trainer(
         enable_model_summary=False,
         inference_mode=False,  # torchmetrics states are updated in validation; no_grad suffices
     )
+
+
+def best_checkpoint(trainer: L.Trainer) -> Optional[str]:
+    """The step `build_trainer(keep_best=...)` kept, if its file is there (a resumed run may track
+    one that was replaced after the checkpoint it started from); None otherwise."""
+    kept = [c.best_model_path for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor]
+    return next((path for path in kept if path and Path(path).exists()), None)
 
 
 def last_checkpoint(stage_dir: Path) -> Optional[str]:
