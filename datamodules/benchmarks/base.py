@@ -108,6 +108,33 @@ def softmax(values: Sequence[float]) -> list[float]:
     return [e / total for e in exps]
 
 
+def keyed_questionnaire_metrics(prefix: str, records: Sequence[dict]) -> dict[str, float]:
+    """Acquiescence and acquiescence-adjusted dimension scores for a keyed Likert questionnaire.
+
+    Why: a model that agrees (or disagrees) with every statement shifts each dimension by that bias
+    times its keying imbalance (MPI-120 has 18 of 24 extraversion items forward-keyed but only 7 of
+    24 agreeableness items), which reads as a trait change. Each record needs ``dimension``,
+    ``reverse`` (bool), ``expected_score`` and ``option_scores``. ``<prefix>/acquiescence`` is the
+    mean expected agreement over all items (on the option scale, its midpoint = no bias);
+    ``<prefix>/<dimension>_adjusted`` is the expected score after subtracting that bias from every
+    item, the usual within-respondent correction for balanced inventories.
+    """
+    if not records:
+        return {}
+    mid = [(min(r["option_scores"]) + max(r["option_scores"])) / 2 for r in records]
+    sign = [-1.0 if r["reverse"] else 1.0 for r in records]
+    agreement = [m + s * (r["expected_score"] - m) for r, m, s in zip(records, mid, sign)]
+    bias = [a - m for a, m in zip(agreement, mid)]
+    acquiescence = mean(bias)
+    metrics = {f"{prefix}/acquiescence": mean(agreement)}
+    groups: dict[str, list[float]] = {}
+    for record, s in zip(records, sign):
+        groups.setdefault(record["dimension"], []).append(record["expected_score"] - s * acquiescence)
+    for dimension, adjusted in sorted(groups.items()):
+        metrics[f"{prefix}/{dimension}_adjusted"] = mean(adjusted)
+    return metrics
+
+
 class Benchmark:
     """Base of every benchmark: subclasses read items, run one batch, and score one record."""
 

@@ -4,8 +4,11 @@ Each item is shown as the statement "You {text}." (first letter of the text lowe
 as a sentence) with options (A) Very Accurate ... (E) Very Inaccurate; the five option letters
 "(A)".."(E)" are scored as the assistant's reply. Keying: +1 -> A=5 ... E=1, -1 -> A=1 ... E=5.
 Per trait we report the mean argmax score (1-5) and the mean expected score under the softmax over
-the five options. ``limit`` is the total item count split equally over the five traits
-(limit // 5 per trait, at least one), so every trait always has a score.
+the five options. ``mpi/acquiescence`` (mean expected agreement, 3 = none) and
+``mpi/<trait>_adjusted`` (expected score with that agreement bias removed) show how much of a trait
+difference is only a model agreeing with every statement; see ``keyed_questionnaire_metrics``.
+``limit`` is the total item count split equally over the five traits (limit // 5 per trait, at
+least one), so every trait always has a score.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from .base import (
     argmax,
     checked_option_logprobs,
     format_error,
+    keyed_questionnaire_metrics,
     mean,
     read_csv,
     select_subset,
@@ -53,7 +57,7 @@ def mpi_prompt(text: str) -> str:
 
 
 class MPI(Benchmark):
-    """MPI-120; metrics mpi/<trait> (argmax score 1-5) and mpi/<trait>_expected for the Big Five."""
+    """MPI-120; metrics mpi/<trait> (argmax score 1-5), mpi/<trait>_expected and _adjusted, mpi/acquiescence."""
 
     name = "mpi"
 
@@ -107,4 +111,6 @@ class MPI(Benchmark):
             if by_trait[trait]:
                 metrics[f"mpi/{trait}"] = mean(r["score"] for r in by_trait[trait])
                 metrics[f"mpi/{trait}_expected"] = mean(r["expected_score"] for r in by_trait[trait])
-        return metrics
+        keyed = [{"dimension": r["trait"], "reverse": r["reference"]["key"] == -1, "expected_score": r["expected_score"],
+                  "option_scores": r["reference"]["option_scores"]} for r in records]
+        return {**metrics, **keyed_questionnaire_metrics("mpi", keyed)}

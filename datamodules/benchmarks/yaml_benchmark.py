@@ -22,6 +22,7 @@ from .base import (
     argmax,
     checked_option_logprobs,
     format_error,
+    keyed_questionnaire_metrics,
     mean,
     read_csv,
     read_json,
@@ -103,7 +104,7 @@ def template_fields(template: str) -> set[str]:
 
 
 class YamlBenchmark(Benchmark):
-    """Benchmark from a YAML spec; metrics <prefix>/accuracy or <prefix>/<dimension>(_expected)."""
+    """Benchmark from a YAML spec; metrics <prefix>/accuracy or <prefix>/<dimension>(_expected, _adjusted)."""
 
     def __init__(self, data_root=None, limit: int | None = None, seed: int | None = None, *,
                  spec: dict, source: str | Path = "<yaml>"):
@@ -266,7 +267,9 @@ class YamlBenchmark(Benchmark):
         for dimension, group in sorted(groups.items()):
             metrics[f"{self.prefix}/{dimension}"] = mean(r["score"] for r in group)
             metrics[f"{self.prefix}/{dimension}_expected"] = mean(r["expected_score"] for r in group)
-        return metrics
+        keyed = [{"dimension": r["dimension"], "reverse": r["reference"]["reverse"], "expected_score": r["expected_score"],
+                  "option_scores": r["reference"]["option_scores"]} for r in records]
+        return {**metrics, **keyed_questionnaire_metrics(self.prefix, keyed)}
 
 
 def load_yaml_benchmarks(folder_or_files, data_root=None, limit: int | None = None,

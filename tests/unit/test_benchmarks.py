@@ -1,6 +1,7 @@
 """Fast tests of benchmark loading and exact scoring (no real model: a scripted EvalModel)."""
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
@@ -157,7 +158,9 @@ def test_mpi_reverse_keying():
     metrics = bench.score_records(records)
     assert metrics["mpi/openness"] == 3.0                             # argmax A: 5 (+1 keyed) and 1 (-1 keyed)
     assert metrics["mpi/openness_expected"] == pytest.approx((4.5 + 1.5) / 2)   # 0.5*5+0.5*4, 0.5*1+0.5*2
-    assert set(metrics) == {"mpi/openness", "mpi/openness_expected"}
+    assert metrics["mpi/acquiescence"] == pytest.approx(4.5)            # agrees 4.5 with both statements
+    assert metrics["mpi/openness_adjusted"] == pytest.approx(3.0)       # 4.5 - 1.5 and 1.5 + 1.5
+    assert set(metrics) == {"mpi/openness", "mpi/openness_expected", "mpi/openness_adjusted", "mpi/acquiescence"}
 
 
 @needs_data
@@ -337,7 +340,7 @@ def test_metric_keys_of_category_benchmarks():
                        "emobench_ea/social_others", "emobench_ea/social_self"}
     mpi, _ = MPI(data_root=SHARED).evaluate(model, batch_size=64)
     assert set(mpi) == {f"mpi/{t}{s}" for t in ("openness", "conscientiousness", "extraversion", "agreeableness",
-                                                 "neuroticism") for s in ("", "_expected")}
+                                                 "neuroticism") for s in ("", "_expected", "_adjusted")} | {"mpi/acquiescence"}
     assert all(1 <= v <= 5 for v in mpi.values())
 
 
@@ -350,6 +353,38 @@ def test_mpi_expected_equals_hand_count_with_constant_model():
     for letter, trait in {"O": "openness", "N": "neuroticism"}.items():
         keys = [r.rsplit(",", 1)[1] for r in rows if r.rsplit(",", 2)[1] == letter]
         assert metrics[f"mpi/{trait}"] == pytest.approx(sum(4 if k == "1" else 2 for k in keys) / 24)
+
+
+class RespondentModel:
+    """Answers MPI like a person: agrees with statements that fit its traits, plus a constant yes-bias."""
+
+    def __init__(self, traits: dict[str, float], agree_bias: float):
+        rows = list(csv.DictReader((SHARED / "mpi/mpi_120.csv").open()))
+        self.item = {statement(r["text"]): (r["label_ocean"], int(r["key"])) for r in rows}
+        self.traits, self.agree_bias = traits, agree_bias
+
+    def option_logprobs(self, conversations, options):
+        out = []
+        for conversation in conversations:
+            trait, key = self.item[re.search(r'"(.*)"', conversation[-1]["content"]).group(1)]
+            agreement = key * self.traits.get(trait, 0.0) + self.agree_bias     # > 0: towards (A)
+            out.append([agreement * (2 - i) for i in range(5)])                 # A..E, linear in position
+        return out
+
+
+@needs_data
+def test_mpi_adjusted_scores_remove_yes_saying_but_keep_traits():
+    # a pure yes-sayer: raw trait scores follow MPI's keying imbalance (E has 18 of 24 items
+    # forward-keyed, A 7), the adjusted scores are all neutral
+    yes_sayer, _ = MPI(data_root=SHARED).evaluate(RespondentModel({}, agree_bias=1.0), batch_size=64)
+    assert yes_sayer["mpi/extraversion_expected"] - yes_sayer["mpi/agreeableness_expected"] > 1.0
+    assert yes_sayer["mpi/acquiescence"] > 4.0
+    for trait in ("openness", "conscientiousness", "extraversion", "agreeableness", "neuroticism"):
+        assert yes_sayer[f"mpi/{trait}_adjusted"] == pytest.approx(3.0)
+    # an extravert, disagreeable respondent with the same yes-bias keeps both traits after adjustment
+    person, _ = MPI(data_root=SHARED).evaluate(RespondentModel({"E": 1.0, "A": -1.0}, agree_bias=1.0), batch_size=64)
+    assert person["mpi/extraversion_adjusted"] > 3.5 and person["mpi/agreeableness_adjusted"] < 2.5
+    assert abs(person["mpi/openness_adjusted"] - 3.0) < 0.5
 
 
 # ----- data root and format errors ----------------------------------------------------------------
