@@ -37,12 +37,38 @@ def log_comparison(ctx, metrics: dict[str, dict[str, float]], headline: Sequence
     client = mlflow.MlflowClient(ctx.tracking_uri)
     client.log_table(ctx.run_id, {"system": [r[0] for r in rows], **{k: [r[i + 1] for r in rows] for i, k in enumerate(keys)}},
                      artifact_file="comparison_table.json")
-    for path in (folder / "comparison.csv", md, plot_benchmarks(metrics, keys, folder / "benchmarks_by_system.png"),
+    shifts = trait_shift_rows(metrics)
+    shift_md = None
+    if shifts:
+        shift_md = folder / "trait_check.md"
+        atomic_write_text(shift_md, _markdown(TRAIT_SHIFT_HEADER, shifts))
+    for path in (folder / "comparison.csv", md, shift_md, plot_benchmarks(metrics, keys, folder / "benchmarks_by_system.png"),
                  plot_big_five(metrics, folder / "big_five_by_system.png")):
         if path is not None:
             ctx.log_artifact(path)
     _print(["system"] + [k for k in keys if k in headline], [[r[0]] + [r[i + 1] for i, k in enumerate(keys) if k in headline] for r in rows])
+    if shifts:
+        _print(TRAIT_SHIFT_HEADER, shifts, title="Trait check: expert_<trait>_high − expert_<trait>_low on MPI-120")
     return md
+
+
+TRAIT_SHIFT_HEADER = ["trait", "high − low (expected)", "high − low (adjusted)", "acquiescence high", "acquiescence low"]
+
+
+def trait_shift_rows(metrics: dict[str, dict[str, float]]) -> list[list]:
+    """Does each trait's high-pole expert score above its low-pole expert? One row per trait with both
+    evaluated on MPI: the difference of expected scores, and of acquiescence-adjusted scores, which
+    is what remains once each expert's agree-with-everything bias is taken out."""
+    rows = []
+    for trait in TRAITS:
+        high, low = metrics.get(f"expert_{trait}_high"), metrics.get(f"expert_{trait}_low")
+        if not high or not low or f"mpi/{trait}_expected" not in high or f"mpi/{trait}_expected" not in low:
+            continue
+        adjusted = [m.get(f"mpi/{trait}_adjusted") for m in (high, low)]
+        rows.append([trait, high[f"mpi/{trait}_expected"] - low[f"mpi/{trait}_expected"],
+                     None if None in adjusted else adjusted[0] - adjusted[1],
+                     high.get("mpi/acquiescence"), low.get("mpi/acquiescence")])
+    return rows
 
 
 def _fmt(value) -> str:
@@ -65,8 +91,8 @@ def _markdown(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _print(header: list[str], rows: list[list]) -> None:
-    table = Table(title="PersonaFuse evaluation", show_lines=False)
+def _print(header: list[str], rows: list[list], title: str = "PersonaFuse evaluation") -> None:
+    table = Table(title=title, show_lines=False)
     for h in header:
         table.add_column(h, justify="right" if h != "system" else "left", overflow="fold")
     for r in rows:
