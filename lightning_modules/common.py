@@ -110,6 +110,23 @@ def adamw(params, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
+class LastStepCheckpoint(ModelCheckpoint):
+    """Also writes last.ckpt again after a validation that ran at a step it had just saved.
+
+    Lightning saves a step's checkpoint at its batch end, before that step's validation, and skips
+    saving a step twice. The best-step callback's state (best file and score) rides in last.ckpt, so
+    without the second write a run killed after a validation that found a new best would resume
+    pointing at the previous best file, which that validation has already deleted.
+    """
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        saved_this_step = getattr(self, "_last_global_step_saved", None) == trainer.global_step
+        super().on_validation_end(trainer, pl_module)
+        fitting = trainer.state.fn == "fit" and not trainer.sanity_checking
+        if saved_this_step and fitting and self.last_model_path:
+            trainer.save_checkpoint(self.last_model_path)
+
+
 class RandomStateCheckpoint(Callback):
     """Saves the Python and torch random generators in each checkpoint and restores them on resume.
 
@@ -150,15 +167,14 @@ def build_trainer(
     kept, as checkpoints/best-step=N.ckpt (see `best_checkpoint`)."""
     callbacks = [TQDMProgressBar(refresh_rate=1)] + list(extra_callbacks or [])
     if checkpoint:
-        callbacks.append(ModelCheckpoint(
+        if keep_best:  # listed before the last-step callback so that it runs first at validation end
+            callbacks.append(ModelCheckpoint(dirpath=stage_dir / "checkpoints", filename="best-{step}", monitor=keep_best,
+                                             mode="min", save_top_k=1, save_on_train_epoch_end=False))
+        last = LastStepCheckpoint if keep_best else ModelCheckpoint
+        callbacks.append(last(
             dirpath=stage_dir / "checkpoints", filename="{step}", save_last=True, save_top_k=1,
             monitor=None, every_n_train_steps=max(1, cfg.checkpoint_every_n_steps), save_on_train_epoch_end=True,
         ))
-        if keep_best:
-            # Its state (best path and score) rides in last.ckpt, which is written before that step's
-            # validation: a run killed in between resumes with the previous best.
-            callbacks.append(ModelCheckpoint(dirpath=stage_dir / "checkpoints", filename="best-{step}", monitor=keep_best,
-                                             mode="min", save_top_k=1, save_on_train_epoch_end=False))
         callbacks.append(RandomStateCheckpoint())
     logger = MLFlowLogger(tracking_uri=tracking_uri, run_id=run_id)
     accelerator = cfg.accelerator if cfg.strategy != "ddp_cpu" else "cpu"
@@ -186,8 +202,8 @@ def build_trainer(
 
 
 def best_checkpoint(trainer: L.Trainer) -> Optional[str]:
-    """The step `build_trainer(keep_best=...)` kept, if its file is there (a resumed run may track
-    one that was replaced after the checkpoint it started from); None otherwise."""
+    """The step `build_trainer(keep_best=...)` kept, if its file is there; None otherwise (possible only
+    for a run killed between a validation that found a new best and last.ckpt's second write)."""
     kept = [c.best_model_path for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor]
     return next((path for path in kept if path and Path(path).exists()), None)
 

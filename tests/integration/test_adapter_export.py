@@ -7,8 +7,11 @@ The slow test below makes the embedded model overfit, where best != last.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,12 +20,16 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def run_sft_command(out: Path, uri: str, steps: int, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "experiments.cli", "run", str(ROOT / "experiments/smoke.yaml"),
+            "stages=[adapter_sft]", f"trainer.max_steps={steps}", "trainer.val_check_interval=2",
+            "trainer.checkpoint_every_n_steps=2", "adapter_sft.batch_size=4",
+            f"output_dir={out}", f"tracking.tracking_uri={uri}", *overrides]
+
+
 def run_sft(out: Path, uri: str, steps: int, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "experiments.cli", "run", str(ROOT / "experiments/smoke.yaml"),
-           "stages=[adapter_sft]", f"trainer.max_steps={steps}", "trainer.val_check_interval=2",
-           "trainer.checkpoint_every_n_steps=2", "adapter_sft.batch_size=4",
-           f"output_dir={out}", f"tracking.tracking_uri={uri}", *overrides]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return subprocess.run(run_sft_command(out, uri, steps, *overrides), cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
 
 
 def exported_vs_checkpoint(checkpoint: Path, adapter: Path, expert: int) -> list[bool]:
@@ -63,6 +70,42 @@ def test_export_best_is_the_lowest_logged_validation_loss(tmp_path):
     history = [m.value for m in client.get_metric_history(sft_run.info.run_id, "val/loss")[1:-1]]
     assert len(history) == 3  # validated after steps 2, 4 and 6
     assert best.name == f"best-step={2 * (history.index(min(history)) + 1)}.ckpt"
+    # last.ckpt (what a killed run resumes from) knows the best step found at its own step's validation
+    assert best_tracked_in(out / "adapter_sft" / "checkpoints" / "last.ckpt") == (best.name, pytest.approx(min(history)))
+
+
+def best_tracked_in(checkpoint: Path) -> tuple[str, float]:
+    """(file name, score) of the best step as the best-step callback's state in a checkpoint has it."""
+    import torch
+
+    states = torch.load(checkpoint, weights_only=False)["callbacks"]
+    state = next(v for k, v in states.items() if k.startswith("ModelCheckpoint") and "val/loss" in k)
+    return Path(state["best_model_path"]).name, float(state["best_model_score"])
+
+
+def test_export_best_after_a_kill_past_a_new_best_equals_an_uninterrupted_run(tmp_path):
+    """Killed once validation at step 4 found a new best and last.ckpt was written again: the
+    resumed run picks up from that checkpoint and exports the same best experts."""
+    whole, uri = tmp_path / "whole", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    whole_best, whole_result = best_run(whole, uri, 6)
+    out = tmp_path / "killed"
+    checkpoints = out / "adapter_sft" / "checkpoints"
+    proc = subprocess.Popen(run_sft_command(out, uri, 6, "adapter_sft.export=best"), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        best4, last = checkpoints / "best-step=4.ckpt", checkpoints / "last.ckpt"
+        if best4.exists() and last.exists() and last.stat().st_mtime_ns > best4.stat().st_mtime_ns:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run ended before step 4's validation was checkpointed"
+    assert best_tracked_in(checkpoints / "last.ckpt")[0] == "best-step=4.ckpt"
+    best, result = best_run(out, uri, 6)
+    assert best.name == whole_best.name and result["exported"] == whole_result["exported"]
+    for expert in result["experts"]:
+        assert (out / "adapter_sft/adapters" / expert / "adapter_model.safetensors").read_bytes() == \
+            (whole / "adapter_sft/adapters" / expert / "adapter_model.safetensors").read_bytes()
 
 
 def test_export_rejects_an_unknown_choice(tmp_path):
