@@ -1,6 +1,7 @@
 """The `personafuse` command: run pipelines, sweeps, the MLflow UI, chat, benchmark data.
 
-    personafuse run experiments/quickstart.yaml [key=value ...]
+    personafuse run experiments/quickstart.yaml [key=value ...] [--rerun STAGE]
+    personafuse reset STAGE experiments/quickstart.yaml [key=value ...]
     personafuse sweep sweeps/smoke_grid.yaml [--launcher local|slurm] [--dry-run]
     personafuse ui
 """
@@ -13,6 +14,7 @@ import subprocess
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -29,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print("[yellow]interrupted[/]: rerun the same command to resume")
         return 130
     except _user_errors() as err:
-        console.print(f"[bold red]error:[/] {err}")
+        console.print(f"[bold red]error:[/] {escape(str(err))}")  # messages quote user text: no markup
         return 2
     except Exception as err:
         full = _disk_full(err)
@@ -78,7 +80,20 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="experiment YAML, e.g. experiments/quickstart.yaml")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=3")
     run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    run.add_argument("--rerun", metavar="STAGE", default=None,
+                     help="redo STAGE and every later stage although they finished under this config "
+                          "(their old outputs are kept as <stage>.superseded-<hash>)")
     run.set_defaults(handler=_cmd_run)
+
+    reset = sub.add_parser("reset", help="set a stage and every later stage aside, so the next run redoes them",
+                           description="Move the outputs of STAGE and every later stage of the config to "
+                                       "<stage>.superseded-<hash>; the next `personafuse run` redoes them in new "
+                                       "MLflow runs. Use it before a launcher that starts every rank (torchrun, srun), "
+                                       "where `run --rerun` is refused.")
+    reset.add_argument("stage", metavar="STAGE", help="the first stage to redo, e.g. evaluate")
+    reset.add_argument("config", help="experiment YAML, e.g. experiments/quickstart.yaml")
+    reset.add_argument("overrides", nargs="*", help="key=value overrides the run uses (output_dir among them)")
+    reset.set_defaults(handler=_cmd_reset)
 
     keys = sub.add_parser("config", help="list every config key with its default and meaning")
     keys.set_defaults(handler=_cmd_config)
@@ -116,7 +131,8 @@ _RUN_HELP = """Run an experiment: resolve the config (schema <- YAML <- key=valu
 then run each stage in `stages` as an MLflow child run of one pipeline run.
 
 Rerunning the same command skips finished stages whose config is unchanged and
-resumes interrupted ones. See `personafuse config` for every key."""
+resumes interrupted ones; `--rerun STAGE` redoes STAGE and every later stage
+anyway (after a code change, say). See `personafuse config` for every key."""
 
 
 _SWEEP_HELP = """Run a sweep: one `personafuse run` per trial of a base experiment, each trial's
@@ -154,7 +170,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
     from experiments.pipeline import run_pipeline
 
-    run_pipeline(cfg)
+    run_pipeline(cfg, rerun=args.rerun)
+    return 0
+
+
+def _cmd_reset(args: argparse.Namespace) -> int:
+    from experiments.config import load_config
+    from experiments.pipeline import reset_stages
+
+    cfg = load_config(args.config, args.overrides)
+    moved = reset_stages(cfg, args.stage)
+    if not moved:
+        console.print(f"nothing to reset: no stage from '{args.stage}' on has run in {cfg.output_dir}")
     return 0
 
 

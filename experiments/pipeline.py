@@ -6,18 +6,19 @@ and continues the same MLflow child run when a stage was interrupted.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from rich.console import Console
 
 from experiments import registry, tracking
-from experiments.config import ExperimentConfig, config_hash, flatten, to_container, to_yaml
+from experiments.config import ConfigError, ExperimentConfig, config_hash, flatten, to_container, to_yaml
 from datamodules.io import ExclusiveLock, atomic_write_text, read_json
 
 console = Console(stderr=True, soft_wrap=True)
@@ -110,17 +111,72 @@ def global_rank() -> int:
     return int(os.environ.get("NODE_RANK", 0) or 0) + int(os.environ.get("LOCAL_RANK", 0) or 0)
 
 
-def run_pipeline(cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
-    """Run every stage in cfg.stages; returns each stage's result dict."""
+def run_pipeline(cfg: ExperimentConfig, rerun: Optional[str] = None) -> dict[str, dict[str, Any]]:
+    """Run every stage in cfg.stages; returns each stage's result dict.
+
+    rerun: a stage to redo even though it finished under this config (after a code change, say);
+    it and every stage after it start over, as `reset_stages` describes.
+    """
     for stage in cfg.stages:
         registry.STAGES.get(stage)  # fail before writing anything if a stage is not available
+    redo = stages_from(cfg, rerun) if rerun else []
     out = Path(cfg.output_dir)
     if global_rank() != 0:
-        return _run_follower(cfg, out)
+        return _run_follower(cfg, out)  # rank 0 set the stages aside before it launched this rank
+    if redo and _ranks_started_by_launcher():
+        raise ConfigError(
+            "--rerun cannot be used when a launcher starts every rank itself (torchrun, srun with several "
+            "tasks): the other ranks could read the old results before rank 0 moves them. Run "
+            f"`personafuse reset {rerun} <config> <key=value overrides>` once, then launch the run."
+        )
+    with _pipeline_lock(out):
+        _set_aside_all(out, redo)
+        return _run_locked(cfg, out)
+
+
+def reset_stages(cfg: ExperimentConfig, stage: str) -> list[str]:
+    """Move the outputs of `stage` and of every stage after it aside, so the next run redoes them in
+    new MLflow runs. Returns the stages whose outputs were moved.
+
+    Later stages go too because they were computed from the earlier stages' outputs. Each folder
+    becomes `<stage>.superseded-<hash>`, as after a config change (replacing an older copy with
+    that name)."""
+    redo = stages_from(cfg, stage)
+    out = Path(cfg.output_dir)
+    if global_rank() != 0 or not out.is_dir():
+        return []
+    with _pipeline_lock(out):
+        return _set_aside_all(out, redo)
+
+
+def stages_from(cfg: ExperimentConfig, stage: str) -> list[str]:
+    """The configured stages from `stage` on; a stage the config does not run fails naming it."""
+    if stage not in cfg.stages:
+        close = difflib.get_close_matches(stage, cfg.stages, n=1)
+        hint = f" — did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"stage '{stage}' is not in this config's stages {list(cfg.stages)}{hint}")
+    return list(cfg.stages[cfg.stages.index(stage):])
+
+
+def _ranks_started_by_launcher() -> bool:
+    """Rank 0 of a job whose launcher started every rank (rather than Lightning spawning them later)."""
+    return any(int(os.environ.get(var, "1") or 1) > 1 for var in ("WORLD_SIZE", "SLURM_NTASKS"))
+
+
+def _pipeline_lock(out: Path) -> ExclusiveLock:
     out.mkdir(parents=True, exist_ok=True)
     message = f"another pipeline is running on {out} (lock {out / '.lock'}); wait for it or choose another output_dir"
-    with ExclusiveLock(out / ".lock", PipelineLocked, message):
-        return _run_locked(cfg, out)
+    return ExclusiveLock(out / ".lock", PipelineLocked, message)
+
+
+def _set_aside_all(out: Path, stages: Sequence[str]) -> list[str]:
+    moved = []
+    for stage in stages:
+        state = read_json(out / stage / "state.json")
+        if state:
+            _set_aside(out / stage, state.get("hash", "unknown"), "a rerun was asked for")
+            moved.append(stage)
+    return moved
 
 
 def _run_follower(cfg: ExperimentConfig, out: Path, poll_s: float = 1.0) -> dict[str, dict[str, Any]]:
@@ -201,15 +257,15 @@ def _run_stage(cfg, stage, h, out, uri, exp_id, parent, results) -> dict[str, An
     return result
 
 
-def _set_aside(stage_dir: Path, old_hash: str) -> None:
-    """Move a stage folder made under another config out of the way (kept, not deleted), so its
-    checkpoints and caches are not resumed by a run whose settings differ."""
+def _set_aside(stage_dir: Path, old_hash: str, why: str = "config changed since its last run") -> None:
+    """Move a stage folder out of the way (kept, not deleted), so its checkpoints and caches are not
+    resumed by a run whose settings differ or that was asked to start over."""
     kept = stage_dir.with_name(f"{stage_dir.name}.superseded-{old_hash[:8]}")
     if kept.exists():
         shutil.rmtree(kept)
     stage_dir.rename(kept)
     stage_dir.mkdir()
-    console.print(f"[yellow]{stage_dir.name}[/]: config changed since its last run; its old outputs are in {kept}")
+    console.print(f"[yellow]{stage_dir.name}[/]: {why}; its old outputs are in {kept}")
 
 
 def _resume_or_start(state_file: Path, uri: str, exp_id: str, name: str, tags: dict[str, str]) -> str:

@@ -134,3 +134,14 @@ def test_cli_pipeline_under_ddp_two_cpu_processes(tmp_path):
     assert sorted(r.data.tags["stage"] for r in runs) == ["adapter_sft", "datagen", "evaluate", "evaluate", "evaluate",
                                                           "pipeline", "router"]  # evaluate: stage + 2 systems
     assert {r.info.status for r in runs} == {"FINISHED"}
+    # --rerun under DDP: rank 0 sets the stages aside before Lightning re-runs the command for rank 1,
+    # so rank 1 waits for the new stage states instead of reading the old, finished ones
+    before = {s: json.loads((out / s / "state.json").read_text())["run_id"] for s in ("datagen", "router")}
+    again = subprocess.run(cmd + ["--rerun", "adapter_sft"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-4000:]
+    after = {s: json.loads((out / s / "state.json").read_text()) for s in ("datagen", "adapter_sft", "router", "evaluate")}
+    assert after["datagen"]["run_id"] == before["datagen"] and after["router"]["run_id"] != before["router"]
+    assert all(state["complete"] for state in after.values())
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert sorted(r.data.tags["stage"] for r in runs).count("adapter_sft") == 2 and len(runs) == 12
+    assert {r.info.status for r in runs} == {"FINISHED"}

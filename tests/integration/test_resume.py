@@ -93,3 +93,49 @@ def test_changed_config_sets_old_stage_outputs_aside_instead_of_resuming_them(tm
 
     history = mlflow.MlflowClient(uri).get_metric_history(new_state["run_id"], "train/loss")
     assert min(m.step for m in history) < 4  # trained from step 0 again, not resumed from the old step 4
+
+
+def test_rerun_and_reset_redo_finished_stages_from_the_named_one_on(tmp_path):
+    """`run --rerun STAGE` redoes a finished stage and every later one in new MLflow runs, keeping the
+    old outputs aside; `reset STAGE` sets them aside without running; earlier stages stay skipped."""
+    import mlflow
+
+    out, uri = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = _cmd(out, uri) + ["stages=[adapter_sft,sft_baseline]", "trainer.max_steps=2"]
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        done = subprocess.run(cmd + list(extra), cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done
+
+    def states() -> dict[str, dict]:
+        return {s: json.loads((out / s / "state.json").read_text()) for s in ("adapter_sft", "sft_baseline")}
+
+    run()
+    first = states()
+    assert run().stderr.count("unchanged since its last run — skipped") == 2
+    again = run("--rerun", "adapter_sft")
+    second = states()
+    assert all(second[s]["run_id"] != first[s]["run_id"] and second[s]["complete"] for s in second)
+    assert again.stderr.count("a rerun was asked for") == 2
+    for stage, state in first.items():  # old outputs kept beside the new ones
+        assert (out / f"{stage}.superseded-{state['hash'][:8]}" / "state.json").exists()
+    reset = subprocess.run(cmd[:3] + ["reset", "sft_baseline"] + cmd[4:], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+    assert reset.returncode == 0, reset.stderr[-2000:]
+    assert not (out / "sft_baseline" / "state.json").exists() and (out / "adapter_sft" / "state.json").exists()
+    third = run()
+    assert third.stderr.count("unchanged since its last run — skipped") == 1
+    assert states()["adapter_sft"]["run_id"] == second["adapter_sft"]["run_id"]
+    assert states()["sft_baseline"]["run_id"] != second["sft_baseline"]["run_id"]
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    stage_runs = [r for r in runs if r.data.tags.get("stage") in ("adapter_sft", "sft_baseline")]
+    assert len(stage_runs) == 5 and all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_rerun_names_a_stage_the_config_does_not_run(tmp_path):
+    out, uri = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = subprocess.run(_cmd(out, uri) + ["--rerun", "routr"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "stage 'routr' is not in this config's stages ['adapter_sft']" in done.stderr
+    assert not out.exists()
