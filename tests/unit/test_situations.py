@@ -157,3 +157,14 @@ def test_real_corpus_parts_load_and_split(path):
     assert sum(map(len, split.values())) == len(items)
     sizes = corpus_counts(split)["domain"]
     assert all(c["test"] >= 1 for c in sizes.values() if sum(c.values()) >= 3)
+
+
+def test_second_annotator_file_covers_exactly_the_default_test_split():
+    """The blind relabelling (dataset card, 'Agreement between annotators') stays in step with the split."""
+    personas = load_personas(ROOT / "experiments/personas/big_five.yaml")
+    items = load_situations(ROOT / "datamodules/data/situations.jsonl", personas)
+    test_ids = [s.id for s in split_situations(items, 0.1, 0.2, seed=0)["test"]]
+    rows = [json.loads(line) for line in (ROOT / "datamodules/data/test_labels_second_annotator.jsonl").open()]
+    assert sorted(r["id"] for r in rows) == sorted(test_ids)
+    for row in rows:
+        assert len(personas.label_vector(row["label"], row["id"])) == len(personas.ids)
