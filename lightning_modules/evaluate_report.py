@@ -137,7 +137,10 @@ def plot_benchmarks(metrics: dict[str, dict[str, float]], keys: Sequence[str], p
 
 
 def plot_big_five(metrics: dict[str, dict[str, float]], path: Path) -> Path | None:
-    """MPI-120 trait scores (1–5) per system as grouped bars: does each system show the profile we want?"""
+    """MPI-120 trait scores (1–5) per system as grouped bars: does each system show the profile we want?
+
+    Expected scores where the run has them: on small models the most likely option is the same for
+    most items, so argmax means sit on the same few values for every system and hide the differences."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,15 +149,17 @@ def plot_big_five(metrics: dict[str, dict[str, float]], path: Path) -> Path | No
     systems = [s for s in metrics if any(f"mpi/{t}" in metrics[s] for t in TRAITS)]
     if not systems:
         return None
-    fig, ax = plt.subplots(figsize=(8, 3.6))
+    fig, ax = plt.subplots(figsize=(8, 3.6 + 0.2 * ((len(systems) + 3) // 4)))
     width = 0.8 / len(systems)
+    suffix = "_expected" if all(f"mpi/{t}_expected" in metrics[s] for s in systems for t in TRAITS) else ""
+    colors = (plt.cm.tab10 if len(systems) <= 10 else plt.cm.tab20).colors  # one colour per system
     for i, system in enumerate(systems):
-        values = [metrics[system].get(f"mpi/{t}", 0.0) for t in TRAITS]
-        ax.bar([j + i * width for j in range(len(TRAITS))], values, width, label=system)
+        values = [metrics[system].get(f"mpi/{t}{suffix}", 0.0) for t in TRAITS]
+        ax.bar([j + i * width for j in range(len(TRAITS))], values, width, label=system, color=colors[i % len(colors)])
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(TRAITS))], TRAITS)
     ax.set_ylim(1, 5)
-    ax.set_ylabel("MPI-120 score (1–5)")
+    ax.set_ylabel("MPI-120 expected score (1–5)" if suffix else "MPI-120 score (1–5)")
     ax.set_title("Big Five profile by system")
-    ax.legend(fontsize=7, ncol=min(4, len(systems)))
+    ax.legend(fontsize=7, ncol=min(4, len(systems)), loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
     atomic_write_bytes(path, _figure_bytes(fig))
     return path
