@@ -160,7 +160,8 @@ def stages_from(cfg: ExperimentConfig, stage: str) -> list[str]:
 
 def _ranks_started_by_launcher() -> bool:
     """Rank 0 of a job whose launcher started every rank (rather than Lightning spawning them later)."""
-    return any(int(os.environ.get(var, "1") or 1) > 1 for var in ("WORLD_SIZE", "SLURM_NTASKS"))
+    counts = (os.environ.get(var, "") for var in ("WORLD_SIZE", "SLURM_NTASKS"))
+    return any(count.isdigit() and int(count) > 1 for count in counts)
 
 
 def _pipeline_lock(out: Path) -> ExclusiveLock:
