@@ -74,6 +74,13 @@ def test_export_best_is_the_lowest_logged_validation_loss(tmp_path):
     assert best_tracked_in(out / "adapter_sft" / "checkpoints" / "last.ckpt") == (best.name, pytest.approx(min(history)))
 
 
+def written_after(later: Path, earlier: Path) -> bool:
+    try:
+        return later.stat().st_mtime_ns > earlier.stat().st_mtime_ns
+    except FileNotFoundError:  # not written yet, or replaced while we looked
+        return False
+
+
 def best_tracked_in(checkpoint: Path) -> tuple[str, float]:
     """(file name, score) of the best step as the best-step callback's state in a checkpoint has it."""
     import torch
@@ -94,8 +101,7 @@ def test_export_best_after_a_kill_past_a_new_best_equals_an_uninterrupted_run(tm
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline:
-        best4, last = checkpoints / "best-step=4.ckpt", checkpoints / "last.ckpt"
-        if best4.exists() and last.exists() and last.stat().st_mtime_ns > best4.stat().st_mtime_ns:
+        if written_after(checkpoints / "last.ckpt", checkpoints / "best-step=4.ckpt"):
             os.kill(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.02)
