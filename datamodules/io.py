@@ -5,6 +5,7 @@ JSONL readers report bad lines as file:line.
 """
 from __future__ import annotations
 
+import difflib
 import fcntl
 import json
 import os
@@ -18,6 +19,13 @@ from rich.console import Console
 console = Console(stderr=True, soft_wrap=True)
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+def did_you_mean(name: str, valid) -> str:
+    """' — did you mean 'x'?' for the closest valid name (difflib, cutoff 0.6), or nothing: the hint
+    every "unknown ..." error in the suite ends with."""
+    match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return f" — did you mean '{match[0]}'?" if match else ""
 
 
 class DataError(ValueError):

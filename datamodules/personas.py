@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from datamodules.io import DataError, read_yaml_mapping
+from datamodules.io import DataError, did_you_mean, read_yaml_mapping
 
 _POLE_KEYS = {"id", "trait", "pole", "description", "markers", "system_prompt", "examples"}
 _SET_KEYS = {"name", "description", "source", "poles"}
@@ -111,10 +111,6 @@ def _parse_pole(raw: dict, where: str) -> Pole:
 
 
 def _no_unknown(data: dict, allowed: set[str], where: str) -> None:
-    import difflib
-
     for key in data:
         if key not in allowed:
-            close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
-            hint = f" — did you mean '{close[0]}'?" if close else ""
-            raise DataError(f"{where}: unknown key '{key}'{hint}")
+            raise DataError(f"{where}: unknown key '{key}'{did_you_mean(str(key), sorted(allowed))}")

@@ -6,7 +6,6 @@ Stages receive the typed section they need, never the whole config.
 """
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
@@ -15,6 +14,8 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from datamodules.io import did_you_mean
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -361,19 +362,11 @@ def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
     """Turn an OmegaConf error into one line naming the source, the key and a close match."""
     key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
     if isinstance(err, ConfigKeyError) or "not in" in str(err):
-        hint = _suggest(str(key))
-        return ConfigError(f"{source}: unknown key '{key}'" + (f" — did you mean '{hint}'?" if hint else ""))
+        return ConfigError(f"{source}: unknown key '{key}'{did_you_mean(str(key), _schema_keys(ExperimentConfig))}")
     if isinstance(err, ValidationError):
         msg = str(err).splitlines()[0]
         return ConfigError(f"{source}: wrong type for key '{key}': {msg}")
     return ConfigError(f"{source}: {str(err).splitlines()[0]} (key '{key}')")
-
-
-def _suggest(full_key: str) -> Optional[str]:
-    """Closest valid dotted key for a typo like trainer.max_stepz."""
-    known = list(_schema_keys(ExperimentConfig))
-    match = difflib.get_close_matches(full_key, known, n=1, cutoff=0.6)
-    return match[0] if match else None
 
 
 def _schema_keys(schema: type, prefix: str = "") -> list[str]:

@@ -6,7 +6,6 @@ and continues the same MLflow child run when a stage was interrupted.
 """
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import shutil
@@ -19,7 +18,7 @@ from rich.console import Console
 
 from experiments import registry, tracking
 from experiments.config import ConfigError, ExperimentConfig, config_hash, flatten, to_container, to_yaml
-from datamodules.io import ExclusiveLock, atomic_write_text, read_json
+from datamodules.io import ExclusiveLock, atomic_write_text, did_you_mean, read_json
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -152,9 +151,8 @@ def reset_stages(cfg: ExperimentConfig, stage: str) -> list[str]:
 def stages_from(cfg: ExperimentConfig, stage: str) -> list[str]:
     """The configured stages from `stage` on; a stage the config does not run fails naming it."""
     if stage not in cfg.stages:
-        close = difflib.get_close_matches(stage, cfg.stages, n=1)
-        hint = f" — did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"stage '{stage}' is not in this config's stages {list(cfg.stages)}{hint}")
+        raise ConfigError(f"stage '{stage}' is not in this config's stages {list(cfg.stages)}"
+                          f"{did_you_mean(stage, cfg.stages)}")
     return list(cfg.stages[cfg.stages.index(stage):])
 
 

@@ -5,9 +5,10 @@ Entries are loaded lazily (`module:attribute` strings internal to this project) 
 """
 from __future__ import annotations
 
-import difflib
 import importlib
 from typing import Any, Callable, Iterator
+
+from datamodules.io import did_you_mean
 
 
 class Registry:
@@ -35,8 +36,7 @@ class Registry:
         return target
 
     def unknown_message(self, name: str) -> str:
-        close = difflib.get_close_matches(name, list(self._entries), n=1)
-        hint = f" — did you mean '{close[0]}'?" if close else ""
+        hint = did_you_mean(name, self._entries)
         return f"unknown {self.kind} '{name}'{hint} (registered: {', '.join(sorted(self._entries))})"
 
     def describe(self) -> dict[str, str]:

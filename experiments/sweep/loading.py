@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from pathlib import Path
 from typing import Any, Optional
@@ -11,7 +10,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
 from experiments import registry
-from datamodules.io import read_yaml_mapping
+from datamodules.io import did_you_mean, read_yaml_mapping
 from experiments.config import ExperimentConfig, _schema_keys
 from experiments.sweep.schema import DIRECTIONS, METHODS, Param, RangeSpec, Sweep, SweepError, SweepSpec
 
@@ -44,12 +43,6 @@ def _merge(base, data, source: str):
         raise _explain(err, source) from None
 
 
-def _did_you_mean(name: str, valid: list[str]) -> str:
-    """' — did you mean 'x'?' for the closest valid name, or nothing."""
-    match = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
-    return f" — did you mean '{match[0]}'?" if match else ""
-
-
 def _explain(err: OmegaConfBaseException, source: str) -> SweepError:
     """One line naming the file, the key and the closest valid key."""
     key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
@@ -57,7 +50,7 @@ def _explain(err: OmegaConfBaseException, source: str) -> SweepError:
         return SweepError(f"{source}: missing required key '{key}'")
     if isinstance(err, ConfigKeyError) or "not in" in str(err):
         known = _schema_keys(SweepSpec)
-        hint = _did_you_mean(str(key), known)
+        hint = did_you_mean(str(key), known)
         section = str(key).rpartition(".")[0]
         siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == section]
         return SweepError(f"{source}: unknown sweep key '{key}'{hint} (valid{f' in {section}' if section else ''}: {', '.join(siblings)})")
@@ -115,7 +108,7 @@ def _range_param(key: str, raw: dict, where: str) -> Param:
     valid = [f.name for f in dataclasses.fields(RangeSpec)]
     for name in raw:
         if name not in valid:
-            raise SweepError(f"{where}: unknown range key '{name}'{_did_you_mean(str(name), valid)} (valid: {', '.join(valid)})")
+            raise SweepError(f"{where}: unknown range key '{name}'{did_you_mean(str(name), valid)} (valid: {', '.join(valid)})")
     rng: RangeSpec = OmegaConf.to_object(_merge(OmegaConf.structured(RangeSpec), raw, where))
     if rng.choices is not None:
         if rng.low is not None or rng.high is not None or not rng.choices:
