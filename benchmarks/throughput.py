@@ -62,7 +62,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-POLES = [f"{trait}_{pole}" for trait in ("openness", "conscientiousness", "extraversion", "agreeableness", "neuroticism")
+from datamodules.personas import BIG_FIVE  # noqa: E402
+
+POLES = [f"{trait}_{pole}" for trait in BIG_FIVE
          for pole in ("high", "low")]
 PROMPTS = [
     "My dog died this morning and I can't stop crying.",

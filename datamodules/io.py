@@ -1,18 +1,24 @@
-"""Crash-safe file I/O shared by every stage: write to a temporary file, then rename.
+"""The lowest module: utilities and error types every layer may import (and it imports no project module).
 
-A kill at any point leaves either the old file or the new one, never half of one.
-JSONL readers report bad lines as file:line.
+- Crash-safe file I/O: write to a temporary file, then rename. A kill at any point leaves either
+  the old file or the new one, never half of one. JSONL readers report bad lines as file:line.
+- Locks, the console, `did_you_mean`, `project_root`.
+- `Registry`, the one name -> builder mechanism (see experiments/registry.py for the registries).
+- The error types: `ConfigError`, `DataError`.
 """
 from __future__ import annotations
 
 import difflib
+import hashlib
 import fcntl
+import importlib
 import json
 import os
 import tempfile
 from contextlib import contextmanager
+from dataclasses import is_dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from rich.console import Console
 
@@ -28,8 +34,71 @@ def did_you_mean(name: str, valid) -> str:
     return f" — did you mean '{match[0]}'?" if match else ""
 
 
+class ConfigError(ValueError):
+    """A configuration problem, with the file and key it comes from."""
+
+
 class DataError(ValueError):
     """Bad input data, with the file (and line) it comes from."""
+
+
+def project_root() -> Path:
+    """The folder holding pyproject.toml; relative config paths resolve from here."""
+    return Path(__file__).resolve().parent.parent
+
+
+def to_container(cfg: Any) -> dict:
+    """Plain dict of a config object (or section)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def config_hash(section: Any) -> str:
+    """Stable short hash of a config section (or any JSON-able value) for caching and tags."""
+    payload = to_container(section) if is_dataclass(section) else section
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class Registry:
+    """Named entries of one kind (stages, teachers, ...): each maps an id to the callable that builds
+    the thing (a function or a class). Entries may be `module:attribute` strings, resolved on first
+    use, so that `personafuse --help` and config validation do not import torch."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, str | Callable[..., Any] | Any] = {}
+        self._docs: dict[str, str] = {}
+
+    def add(self, name: str, target: str | Any, doc: str = "") -> None:
+        if name in self._entries:
+            raise KeyError(f"{self.kind} '{name}' is registered twice")
+        self._entries[name] = target
+        self._docs[name] = doc
+
+    def get(self, name: str) -> Any:
+        if name not in self._entries:
+            raise KeyError(self.unknown_message(name))
+        target = self._entries[name]
+        if isinstance(target, str) and ":" in target:
+            module, attr = target.split(":")
+            target = getattr(importlib.import_module(module), attr)
+            self._entries[name] = target
+        return target
+
+    def unknown_message(self, name: str) -> str:
+        hint = did_you_mean(name, self._entries)
+        return f"unknown {self.kind} '{name}'{hint} (registered: {', '.join(sorted(self._entries))})"
+
+    def describe(self) -> dict[str, str]:
+        return dict(self._docs)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -11,6 +11,9 @@ from pathlib import Path
 
 from datamodules.io import DataError, did_you_mean, read_yaml_mapping
 
+BIG_FIVE = ("openness", "conscientiousness", "extraversion", "agreeableness", "neuroticism")
+"""The five traits of the shipped persona set, in OCEAN order (MPI-120 scores, trait ablations, reports)."""
+
 _POLE_KEYS = {"id", "trait", "pole", "description", "markers", "system_prompt", "examples"}
 _SET_KEYS = {"name", "description", "source", "poles"}
 

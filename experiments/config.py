@@ -6,7 +6,6 @@ Stages receive the typed section they need, never the whole config.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -15,13 +14,9 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from datamodules.io import did_you_mean
+from datamodules.io import ConfigError, config_hash, did_you_mean, project_root, to_container  # noqa: F401 (re-exported)
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-class ConfigError(ValueError):
-    """A configuration problem, with the file and key it comes from."""
 
 
 @dataclass
@@ -310,11 +305,6 @@ class ExperimentConfig:
 # --------------------------------------------------------------------------- loading
 
 
-def project_root() -> Path:
-    """The folder holding pyproject.toml; relative config paths resolve from here."""
-    return Path(__file__).resolve().parent.parent
-
-
 def project_path(path: str | Path) -> Path:
     """A config path as given when it exists or is absolute, else relative to the project root."""
     p = Path(path)
@@ -333,7 +323,25 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except OmegaConfBaseException as err:
         raise _explain(err, str(path)) from None
     _check_registered(cfg, str(path))
+    _resolve_paths(cfg)
     return cfg
+
+
+DATA_SOURCE_WORDS = ("auto", "persona_examples")
+"""Values of adapter_sft.data / joint.data that name a source rather than a file."""
+
+
+def _resolve_paths(cfg: ExperimentConfig) -> None:
+    """Resolve every file path in the config once, here, so stages use them as given (see project_path).
+    A path that exists as given (the usual run from the project root) keeps its spelling, so config
+    hashes do not depend on where the project is checked out."""
+    cfg.personas.file = str(project_path(cfg.personas.file))
+    cfg.data.situations = str(project_path(cfg.data.situations))
+    cfg.datagen.prompt_file = str(project_path(cfg.datagen.prompt_file))
+    cfg.evaluate.benchmark_files = [str(project_path(p)) for p in cfg.evaluate.benchmark_files]
+    for section in (cfg.adapter_sft, cfg.joint):
+        if section.data not in DATA_SOURCE_WORDS:
+            section.data = str(project_path(section.data))
 
 
 def _merge_yaml(base: DictConfig, path: Path) -> DictConfig:
@@ -406,20 +414,8 @@ def _check_registered(cfg: ExperimentConfig, source: str) -> None:
 # --------------------------------------------------------------------------- saving
 
 
-def to_container(cfg: Any) -> dict:
-    """Plain dict of a config object (or section)."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-
-
 def to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
-
-
-def config_hash(section: Any) -> str:
-    """Stable short hash of a config section (or any JSON-able value) for caching and tags."""
-    payload = to_container(section) if is_dataclass(section) else section
-    text = json.dumps(payload, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def flatten(data: dict, prefix: str = "") -> dict[str, str]:

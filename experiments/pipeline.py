@@ -73,6 +73,14 @@ class StageContext:
         else:
             client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def child_run(self, name: str, tags: dict[str, str], previous: Optional[str] = None) -> str:
+        """A child MLflow run of this stage's run (e.g. one per evaluated system): `previous` reopened
+        when it still exists (resume), else a new run tagged with the git commit."""
+        if previous and tracking.reopen_run(self.tracking_uri, self.experiment_id, previous):
+            return previous
+        return tracking.start_run(self.tracking_uri, self.experiment_id, name, {**tags, "git_commit": tracking.git_commit()},
+                                  self.run_id)
+
     def set_tags(self, tags: dict[str, str]) -> None:
         if not self.is_rank_zero:
             return

@@ -19,7 +19,6 @@ from torchmetrics import MeanMetric
 
 from datamodules.personas import load_personas
 from datamodules.sft import IGNORE_INDEX, PersonaSFTDataModule, SFTRecord, load_sft_records, persona_example_records
-from experiments.config import project_path, project_root
 from lightning_modules.common import (
     adamw, best_checkpoint, build_trainer, gathered_parameters, last_checkpoint, persona_model_factory, seed_everything,
     zero3_model_init,
@@ -95,9 +94,9 @@ def train_experts(ctx, records: list[SFTRecord], expert_names: Sequence[str]) ->
     seed_everything(cfg.seed)
     factory = persona_model_factory(cfg.model, cfg.lora, expert_names)
     module = AdapterSFTModule(factory, expert_names, sft.lr, sft.weight_decay)
-    from lightning_modules.components.base_model import load_tokenizer
+    from lightning_modules.components.base_model import load_configured_tokenizer
 
-    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.model.revision)
+    tokenizer = load_configured_tokenizer(cfg.model)
     data = PersonaSFTDataModule(records, tokenizer, expert_names, sft.batch_size, sft.max_length, sft.val_fraction, cfg.seed)
     max_steps = sft.max_steps if sft.max_steps is not None else cfg.trainer.max_steps
     trainer = build_trainer(cfg.trainer, ctx.stage_dir, ctx.tracking_uri, ctx.run_id, max_steps,
@@ -141,21 +140,20 @@ def sft_records(ctx, personas) -> list[SFTRecord]:
     if source == "auto":
         source = ctx.outputs.get("datagen", {}).get("sft") or "persona_examples"
     if source != "persona_examples":
-        path = Path(source) if Path(source).is_absolute() else project_root() / source
-        records += load_sft_records(path if path.exists() else Path(source), personas.ids, ctx.cfg.data.on_bad_line)
+        records += load_sft_records(source, personas.ids, ctx.cfg.data.on_bad_line)  # resolved at config load
     if sft.include_persona_examples or source == "persona_examples":
         records += persona_example_records(personas)
     return records
 
 
 def run(ctx) -> dict:
-    personas = load_personas(project_path(ctx.cfg.personas.file))
+    personas = load_personas(ctx.cfg.personas.file)
     return train_experts(ctx, sft_records(ctx, personas), personas.ids)
 
 
 def run_sft_baseline(ctx) -> dict:
     """One LoRA on the union of fused responses (or, without datagen, of all persona examples)."""
-    personas = load_personas(project_path(ctx.cfg.personas.file))
+    personas = load_personas(ctx.cfg.personas.file)
     fused = ctx.outputs.get("datagen", {}).get("joint")
     if fused:
         from datamodules.io import read_jsonl

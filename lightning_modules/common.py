@@ -8,49 +8,66 @@ import random
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Sequence
 
 import lightning as L
 import torch
-import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import MLFlowLogger
 
-from experiments import registry
-from experiments.config import LoraConfig, ModelConfig, TrainerConfig, project_root
+from lightning_modules.strategies import STRATEGIES
+
+if TYPE_CHECKING:
+    from experiments.config import LoraConfig, ModelConfig, TrainerConfig
 
 
 def persona_model_factory(model_cfg: ModelConfig, lora: LoraConfig, expert_names: Sequence[str]) -> Callable:
     """A zero-argument builder, so the model can be created inside `configure_model` (ZeRO-3)."""
 
     def build():
-        from lightning_modules.components.base_model import load_base_model
+        from lightning_modules.components.base_model import load_configured
         from lightning_modules.components.persona_lora import PersonaLoRAModel
 
-        base, _ = load_base_model(model_cfg.name_or_path, model_cfg.dtype, model_cfg.trust_remote_code, model_cfg.revision)
+        base, _ = load_configured(model_cfg)
         return PersonaLoRAModel(base, expert_names, lora.r, lora.alpha, lora.dropout, lora.target_modules)
 
     return build
 
 
+def load_experts(model_cfg: ModelConfig, lora: LoraConfig, adapters_dir: str, expert_names: Sequence[str]):
+    """(PersonaLoRAModel holding each expert's exported PEFT adapter, tokenizer) on the configured device;
+    used by evaluate and joint."""
+    from lightning_modules.components.base_model import load_configured, pick_device
+    from lightning_modules.components.persona_lora import PersonaLoRAModel
+
+    base, tok = load_configured(model_cfg)
+    model = PersonaLoRAModel(base, expert_names, lora.r, lora.alpha, 0.0, lora.target_modules)
+    for name in expert_names:
+        model.load_peft(name, Path(adapters_dir) / name)
+    return model.to(pick_device(model_cfg.device)).eval(), tok
+
+
 def build_strategy(name: str, accelerator: str, find_unused_parameters: bool = False):
-    """A registered strategy id -> what Lightning's Trainer accepts.
+    """A registered strategy id (lightning_modules/strategies.py) -> what Lightning's Trainer accepts.
 
     find_unused_parameters: for modules whose loss may skip some parameters (the router's
     contrastive head when that loss is off); DDP would otherwise stop with an error.
     """
-    target = registry.STRATEGIES.get(name)
-    if target == "ddp":
-        from lightning.pytorch.strategies import DDPStrategy
+    return STRATEGIES.get(name)(find_unused_parameters)
 
-        backend = "gloo" if name == "ddp_cpu" else None
-        return DDPStrategy(process_group_backend=backend, find_unused_parameters=find_unused_parameters)
-    if str(target).endswith(".yaml"):
-        from lightning.pytorch.strategies import DeepSpeedStrategy
 
-        config = yaml.safe_load((project_root() / target).read_text())
-        return DeepSpeedStrategy(config=config)
-    return target
+def predict_trainer(t: TrainerConfig, spread: bool, cpu: bool = False, **extra) -> L.Trainer:
+    """A Trainer for predict loops (datagen's local teacher, evaluate), without logger or checkpoints.
+
+    spread: use every configured device and node (a DDP strategy splits the work over ranks; "auto"
+    lets Lightning replicate over the devices); else one device, one process. Sharded training
+    strategies (FSDP, DeepSpeed) buy nothing for inference and become "auto". cpu: force the CPU.
+    """
+    accelerator = "cpu" if cpu or t.strategy == "ddp_cpu" else t.accelerator
+    ddp = spread and t.strategy in ("ddp", "ddp_cpu")
+    return L.Trainer(accelerator=accelerator, devices=t.devices if spread else 1, num_nodes=t.num_nodes if spread else 1,
+                     strategy=build_strategy(t.strategy, accelerator) if ddp else "auto", logger=False,
+                     enable_checkpointing=False, enable_model_summary=False, **extra)
 
 
 def is_zero3(strategy) -> bool:

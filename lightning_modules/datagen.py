@@ -17,12 +17,12 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import lightning as L
 import torch
 
-from datamodules.io import DataError, atomic_write_text, read_json, write_jsonl
+from datamodules.io import ConfigError, DataError, atomic_write_text, config_hash, read_json, to_container, write_jsonl
 from datamodules.personas import PersonaSet, load_personas
 from datamodules.situations import (
     Situation,
@@ -33,9 +33,11 @@ from datamodules.situations import (
     split_situations,
     write_dataset_card,
 )
-from experiments.config import ConfigError, ExperimentConfig, config_hash, project_path, to_container
 from lightning_modules.components.persona_cot import REASONS, CoTSettings, PersonaCoT, PromptSet, error_reason
 from lightning_modules.components.teachers import build_teacher, derive_seed, teacher_id
+
+if TYPE_CHECKING:  # annotations only: stages get typed config sections, never import experiments/
+    from experiments.config import ExperimentConfig
 
 SCHEMA_VERSION = 1
 # Transport settings change how a request is sent, not what is generated: not part of the cache key.
@@ -117,12 +119,12 @@ def run(ctx) -> dict:
     cfg: ExperimentConfig = ctx.cfg
     if cfg.datagen.teacher.kind != "local" and not ctx.is_rank_zero:
         return {}  # an HTTP teacher is called from rank 0 alone (its own concurrency limits apply)
-    personas_path, corpus_path = project_path(cfg.personas.file), project_path(cfg.data.situations)
+    personas_path, corpus_path = cfg.personas.file, cfg.data.situations
     personas = load_personas(personas_path)
     corpus = load_situations(corpus_path, personas, cfg.data.on_bad_line)
     splits = split_situations(corpus, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
     selected = select_items(_split_items(splits, cfg.datagen.split), cfg.datagen.limit, cfg.datagen.seed)
-    prompts = PromptSet.load(project_path(cfg.datagen.prompt_file), cfg.datagen.prompts)
+    prompts = PromptSet.load(cfg.datagen.prompt_file, cfg.datagen.prompts)
     chash = datagen_hash(cfg, personas_path, corpus_path, prompts)
     items_dir = ctx.stage_dir / "items"
     data = SituationsDataModule(selected, cfg.datagen.teacher.batch_size)
@@ -189,19 +191,11 @@ def _trainer(cfg: ExperimentConfig) -> L.Trainer:
     """Local teacher: the configured devices split the batches. HTTP teacher: one CPU process is enough."""
     from lightning.pytorch.callbacks import TQDMProgressBar
 
-    from lightning_modules.common import build_strategy
+    from lightning_modules.common import predict_trainer
 
-    t = cfg.trainer
     local = cfg.datagen.teacher.kind == "local"
-    accelerator = "cpu" if t.strategy == "ddp_cpu" or not local else t.accelerator
-    # Sharded training strategies (FSDP, DeepSpeed) buy nothing for inference: "auto" replicates the
-    # teacher per device (DDP when there are several). Too big a teacher belongs behind an HTTP server.
-    strategy = build_strategy(t.strategy, accelerator) if local and t.strategy in ("ddp", "ddp_cpu") else "auto"
-    return L.Trainer(
-        accelerator=accelerator, devices=t.devices if local else 1, num_nodes=t.num_nodes if local else 1,
-        strategy=strategy, logger=False, enable_checkpointing=False, enable_model_summary=False,
-        callbacks=[TQDMProgressBar(refresh_rate=1)], default_root_dir=str(cfg.output_dir),
-    )
+    return predict_trainer(cfg.trainer, spread=local, cpu=not local, callbacks=[TQDMProgressBar(refresh_rate=1)],
+                           default_root_dir=str(cfg.output_dir))
 
 
 # --------------------------------------------------------------------------- outputs

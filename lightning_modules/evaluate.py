@@ -19,16 +19,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.io import atomic_write_text, read_json, write_jsonl
-from datamodules.personas import load_personas
-from experiments import registry, tracking
-from experiments.config import project_path
-from experiments.systems import SystemSpec
+from datamodules.personas import BIG_FIVE, load_personas
+from lightning_modules.evaluate_systems import SYSTEMS, SystemSpec
+from lightning_modules.common import load_experts
 from lightning_modules.components.personafuse import ChatModel
 from lightning_modules.evaluate_report import log_comparison
 
 HEADLINE_METRICS = (
     "eq_bench/score", "eq_bench/parsed", "emobench_eu/accuracy", "emobench_ea/accuracy",
-    "mpi/openness", "mpi/conscientiousness", "mpi/extraversion", "mpi/agreeableness", "mpi/neuroticism",
+    *(f"mpi/{trait}" for trait in BIG_FIVE),
     "gsm8k/accuracy", "mmlu/accuracy", "xstest/safe_refusal_rate", "xstest/unsafe_compliance_rate",
 )
 
@@ -74,21 +73,21 @@ class EvaluateModule(L.LightningModule):
 
 def build_benchmarks(ecfg) -> dict:
     """Benchmark id -> configured instance; ids are built-ins or YAML benchmarks."""
-    from datamodules.benchmarks import BUILTIN_BENCHMARKS, load_yaml_benchmarks
+    from datamodules.benchmarks import BENCHMARKS, load_yaml_benchmarks
 
     yaml_benchmarks = {}
     if ecfg.benchmark_files:
-        yaml_benchmarks = load_yaml_benchmarks([project_path(p) for p in ecfg.benchmark_files], data_root=ecfg.data_root)
+        yaml_benchmarks = load_yaml_benchmarks(ecfg.benchmark_files, data_root=ecfg.data_root)
     out = {}
     for name, bcfg in ecfg.benchmarks.items():
-        if name in BUILTIN_BENCHMARKS:
-            out[name] = BUILTIN_BENCHMARKS[name](ecfg.data_root, bcfg.limit, bcfg.seed, **bcfg.options)
+        if name in BENCHMARKS:
+            out[name] = BENCHMARKS.get(name)(ecfg.data_root, bcfg.limit, bcfg.seed, **bcfg.options)
         elif name in yaml_benchmarks:
             bench = yaml_benchmarks[name]
             bench.limit, bench.seed = bcfg.limit, bcfg.seed
             out[name] = bench
         else:
-            known = sorted(set(BUILTIN_BENCHMARKS) | set(yaml_benchmarks))
+            known = sorted(set(BENCHMARKS) | set(yaml_benchmarks))
             raise KeyError(f"evaluate.benchmarks: unknown benchmark '{name}' (known: {', '.join(known)})")
     return out
 
@@ -105,7 +104,7 @@ class SystemFactory:
     def check(self, systems: list[str]) -> None:
         """Fail before any work if a system needs a stage the pipeline did not run."""
         for name in systems:
-            spec: SystemSpec = registry.SYSTEMS.get(name)
+            spec: SystemSpec = SYSTEMS.get(name)
             needs = [spec.adapters] if spec.adapters else []
             needs += ["router"] if spec.needs_router or spec.gates in ("uniform", "oracle") else []
             needs = list(dict.fromkeys(needs))
@@ -114,14 +113,14 @@ class SystemFactory:
                 raise RuntimeError(f"system '{name}' needs stage(s) {missing} earlier in `stages`")
 
     def __call__(self, name: str) -> ChatModel:
-        spec: SystemSpec = registry.SYSTEMS.get(name)
+        spec: SystemSpec = SYSTEMS.get(name)
         prompt = self.cfg.evaluate.persona_prompt if spec.persona_prompt else None
         bs = self.cfg.evaluate.batch_size
         if spec.adapters is None:
             model, tok = self._persona_model()
             return ChatModel(model, tok, None, prompt, bs)
         if spec.adapters == "sft_baseline":
-            model, tok = load_experts(self.cfg, self.ctx.outputs["sft_baseline"]["adapters"], ["sft"])
+            model, tok = load_experts(self.cfg.model, self.cfg.lora, self.ctx.outputs["sft_baseline"]["adapters"], ["sft"])
             return ChatModel(model, tok, lambda convs: torch.ones(len(convs), 1), prompt, bs)
         if spec.gates == "pole":
             model, tok = self._experts()
@@ -136,18 +135,17 @@ class SystemFactory:
         if "adapter_sft" in self.ctx.outputs:
             return self._experts()
         if self._persona is None:
-            from lightning_modules.components.base_model import load_base_model, pick_device
+            from lightning_modules.components.base_model import load_configured, pick_device
 
-            m = self.cfg.model
-            model, tok = load_base_model(m.name_or_path, m.dtype, m.trust_remote_code, m.revision)
-            self._persona = (model.to(pick_device(m.device)), tok)
+            model, tok = load_configured(self.cfg.model)
+            self._persona = (model.to(pick_device(self.cfg.model.device)), tok)
         return self._persona
 
     def _experts(self):
         """The ten-expert model with the adapter_sft adapters, loaded once."""
         if self._experts_model is None:
-            personas = load_personas(project_path(self.cfg.personas.file))
-            self._experts_model = load_experts(self.cfg, self._tuned("adapter_sft")["adapters"], personas.ids)
+            personas = load_personas(self.cfg.personas.file)
+            self._experts_model = load_experts(self.cfg.model, self.cfg.lora, self._tuned("adapter_sft")["adapters"], personas.ids)
         return self._experts_model
 
     def _tuned(self, stage: str) -> dict:
@@ -168,19 +166,6 @@ class SystemFactory:
         from lightning_modules.evaluate_gates import gate_function
 
         return gate_function(spec, fuse, self.cfg)
-
-
-def load_experts(cfg, adapters_dir: str, expert_names: list[str]):
-    """(PersonaLoRAModel holding each expert's exported PEFT adapter, tokenizer) on the configured device."""
-    from lightning_modules.components.base_model import load_base_model, pick_device
-    from lightning_modules.components.persona_lora import PersonaLoRAModel
-
-    m, lora = cfg.model, cfg.lora
-    base, tok = load_base_model(m.name_or_path, m.dtype, m.trust_remote_code, m.revision)
-    model = PersonaLoRAModel(base, expert_names, lora.r, lora.alpha, 0.0, lora.target_modules)
-    for name in expert_names:
-        model.load_peft(name, Path(adapters_dir) / name)
-    return model.to(pick_device(m.device)).eval(), tok
 
 
 def run(ctx) -> dict:
@@ -215,15 +200,11 @@ def run(ctx) -> dict:
 
 def _trainer(t) -> tuple[L.Trainer, bool]:
     """(predict Trainer, whether the ranks share the jobs). Under DDP every rank takes whole jobs;
-    sharded training strategies (FSDP, DeepSpeed) buy nothing for inference, so rank 0 runs alone."""
-    from lightning_modules.common import build_strategy
+    under any other strategy rank 0 runs alone."""
+    from lightning_modules.common import predict_trainer
 
     sharded = t.strategy in ("ddp", "ddp_cpu")  # devices may be "auto": Lightning decides how many ranks
-    accelerator = "cpu" if t.strategy == "ddp_cpu" else t.accelerator
-    trainer = L.Trainer(accelerator=accelerator, devices=t.devices if sharded else 1, num_nodes=t.num_nodes if sharded else 1,
-                        strategy=build_strategy(t.strategy, accelerator) if sharded else "auto", logger=False,
-                        enable_checkpointing=False, enable_model_summary=False, inference_mode=True)
-    return trainer, sharded
+    return predict_trainer(t, spread=sharded, inference_mode=True), sharded
 
 
 def _group(results: list[dict]) -> dict[str, dict]:
@@ -241,10 +222,10 @@ def _log_systems(ctx, by_system: dict) -> dict[str, str]:
     state_file = ctx.stage_dir / "system_runs.json"
     run_ids: dict[str, str] = read_json(state_file) or {}
     for system, entry in by_system.items():
-        if system not in run_ids or not tracking.reopen_run(ctx.tracking_uri, ctx.experiment_id, run_ids[system]):
-            tags = {"stage": "evaluate", "system": system, "base_model": ctx.cfg.model.name_or_path,
-                    "git_commit": tracking.git_commit()}
-            run_ids[system] = tracking.start_run(ctx.tracking_uri, ctx.experiment_id, f"evaluate:{system}", tags, ctx.run_id)
+        tags = {"stage": "evaluate", "system": system, "base_model": ctx.cfg.model.name_or_path}
+        run_id = ctx.child_run(f"evaluate:{system}", tags, run_ids.get(system))
+        if run_id != run_ids.get(system):
+            run_ids[system] = run_id
             atomic_write_text(state_file, json.dumps(run_ids))
         _log_one_system(ctx, run_ids[system], system, entry)
     return run_ids

@@ -11,12 +11,11 @@ import torch
 
 from datamodules.personas import load_personas
 from datamodules.situations import load_situations
-from experiments.config import project_path
-from experiments.systems import SystemSpec
+from lightning_modules.evaluate_systems import SystemSpec
 
 
 def gate_function(spec: SystemSpec, fuse, cfg) -> Callable[[Sequence[list[dict]]], torch.Tensor]:
-    personas = load_personas(project_path(cfg.personas.file))
+    personas = load_personas(cfg.personas.file)
     kind = spec.gates
 
     def routed(convs):
@@ -41,7 +40,7 @@ def gate_function(spec: SystemSpec, fuse, cfg) -> Callable[[Sequence[list[dict]]
 
 def _oracle(cfg, personas, fallback) -> Callable:
     """Curated corpus labels for corpus conversations; other prompts (benchmarks) fall back to the router."""
-    items = load_situations(project_path(cfg.data.situations), personas, cfg.data.on_bad_line)
+    items = load_situations(cfg.data.situations, personas, cfg.data.on_bad_line)
     labels = {_key(s.conversation()): personas.label_vector(s.label, s.id) for s in items}
 
     def oracle(convs):

@@ -16,7 +16,6 @@ from typing import Optional
 from datamodules.io import atomic_write_text, read_json
 from datamodules.personas import load_personas
 from datamodules.situations import load_situations, select_items, split_situations
-from experiments.config import project_path
 
 CRITERIA = ("empathy", "helpfulness", "appropriateness", "safety")
 RUBRIC = (
@@ -31,8 +30,8 @@ PAIRWISE = (
 
 
 def downstream_items(cfg) -> list:
-    personas = load_personas(project_path(cfg.personas.file))
-    items = load_situations(project_path(cfg.data.situations), personas, cfg.data.on_bad_line)
+    personas = load_personas(cfg.personas.file)
+    items = load_situations(cfg.data.situations, personas, cfg.data.on_bad_line)
     test = split_situations(items, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)["test"]
     chosen = []
     for domain in cfg.evaluate.judge.domains:

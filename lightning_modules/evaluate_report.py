@@ -14,8 +14,9 @@ from rich.console import Console
 from rich.table import Table
 
 from datamodules.io import atomic_write_bytes, atomic_write_text
+from datamodules.personas import BIG_FIVE
 
-TRAITS = ("openness", "conscientiousness", "extraversion", "agreeableness", "neuroticism")
+TRAITS = BIG_FIVE
 
 
 def comparison_rows(metrics: dict[str, dict[str, float]], headline: Sequence[str]) -> tuple[list[str], list[list]]:

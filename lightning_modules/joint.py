@@ -21,8 +21,7 @@ from datamodules.io import DataError, iter_jsonl, require_keys
 from datamodules.loaders import train_loader
 from datamodules.personas import PersonaSet, load_personas
 from datamodules.sft import IGNORE_INDEX, collate, encode_example
-from experiments.config import project_path
-from lightning_modules.common import adamw, build_trainer, last_checkpoint, seed_everything
+from lightning_modules.common import adamw, build_trainer, last_checkpoint, load_experts, seed_everything
 from lightning_modules.components.personafuse import assemble_folder
 from lightning_modules.components.router import normalise_gates, router_loss, save_router
 
@@ -110,10 +109,8 @@ def _builder(cfg, outputs: dict) -> Callable:
     def build():
         from lightning_modules.components.personafuse import PersonaFuse
         from lightning_modules.components.router import load_router
-        from lightning_modules.evaluate import load_experts
-
-        personas = load_personas(project_path(cfg.personas.file))
-        model, tok = load_experts(cfg, outputs["adapter_sft"]["adapters"], personas.ids)
+        personas = load_personas(cfg.personas.file)
+        model, tok = load_experts(cfg.model, cfg.lora, outputs["adapter_sft"]["adapters"], personas.ids)
         model.train()
         router, meta = load_router(Path(outputs["router"]["router"]))
         return PersonaFuse(model, tok, router.train(), meta)
@@ -127,14 +124,14 @@ def run(ctx) -> dict:
         if needed not in ctx.outputs:
             raise DataError(f"stage joint needs stage '{needed}' earlier in `stages`")
     seed_everything(cfg.seed)
-    personas = load_personas(project_path(cfg.personas.file))
+    personas = load_personas(cfg.personas.file)
     source = jc.data if jc.data != "auto" else ctx.outputs.get("datagen", {}).get("joint")
     if not source:
         raise DataError("stage joint needs fused responses: run datagen first or set joint.data to a JSONL file")
-    from lightning_modules.components.base_model import load_tokenizer
+    from lightning_modules.components.base_model import load_configured_tokenizer
 
-    tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.model.revision)
-    train, val = _split(load_fused_records(project_path(source), cfg.data.on_bad_line), cfg.adapter_sft.val_fraction, cfg.seed)
+    tok = load_configured_tokenizer(cfg.model)
+    train, val = _split(load_fused_records(source, cfg.data.on_bad_line), cfg.adapter_sft.val_fraction, cfg.seed)
     loaders = [train_loader(FusedDataset(part, tok, personas, jc.max_length), jc.batch_size, cfg.seed,
                             collate(tok.pad_token_id, ("label",)), shuffle)
                for part, shuffle in ((train, True), (val or train, False))]

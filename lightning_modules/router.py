@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import lightning as L
 import torch
@@ -19,14 +19,16 @@ from torchmetrics import MeanAbsoluteError
 from torchmetrics.classification import MultilabelF1Score
 from tqdm.auto import tqdm
 
-from datamodules.io import atomic_write_bytes
+from datamodules.io import atomic_write_bytes, config_hash, to_container
 from datamodules.loaders import train_loader
 from datamodules.personas import load_personas
 from datamodules.situations import Situation, load_situations, split_situations
-from experiments.config import RouterConfig, config_hash, project_path, to_container
 from lightning_modules.common import build_trainer, seed_everything
 from lightning_modules.components.personafuse import assemble_folder
 from lightning_modules.components.router import Router, build_encoder, normalise_gates, router_loss, save_router
+
+if TYPE_CHECKING:  # annotations only: stages get typed config sections, never import experiments/
+    from experiments.config import RouterConfig
 
 
 class RouterModule(L.LightningModule):
@@ -120,9 +122,9 @@ def cached_embeddings(ctx, items: Sequence[Situation]) -> torch.Tensor:
 def _encoder(cfg):
     model = tokenizer = None
     if cfg.router.encoder == "base_hidden":
-        from lightning_modules.components.base_model import load_base_model, pick_device
+        from lightning_modules.components.base_model import load_configured, pick_device
 
-        model, tokenizer = load_base_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.revision)
+        model, tokenizer = load_configured(cfg.model)
         model.to(pick_device(cfg.model.device))
     return build_encoder(cfg.router.encoder, cfg.router.layer, model, tokenizer)
 
@@ -130,8 +132,8 @@ def _encoder(cfg):
 def run(ctx) -> dict:
     cfg, rc = ctx.cfg, ctx.cfg.router
     seed_everything(cfg.seed)
-    personas = load_personas(project_path(cfg.personas.file))
-    items = load_situations(project_path(cfg.data.situations), personas, cfg.data.on_bad_line)
+    personas = load_personas(cfg.personas.file)
+    items = load_situations(cfg.data.situations, personas, cfg.data.on_bad_line)
     splits = split_situations(items, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
     ordered = [s for name in ("train", "val", "test") for s in splits[name]]
     emb = cached_embeddings(ctx, ordered)

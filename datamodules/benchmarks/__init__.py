@@ -1,12 +1,14 @@
 """Benchmark suite: data loading and exact scoring against the ``EvalModel`` protocol.
 
-``BUILTIN_BENCHMARKS`` maps benchmark ids to their classes; ``load_yaml_benchmarks`` adds
+``BENCHMARKS`` maps benchmark ids to their classes (the registry: calling one builds the benchmark); ``load_yaml_benchmarks`` adds
 benchmarks defined by YAML files alone (see experiments/benchmarks/README.md).
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Iterable
+
+from datamodules.io import Registry
 
 from .base import Benchmark, BenchmarkDataError, resolve_data_root
 from .emobench import EmoBenchEA, EmoBenchEU
@@ -18,24 +20,24 @@ from .xstest import XSTest
 from .yaml_benchmark import YamlBenchmark, YamlSpecError
 from .yaml_benchmark import load_yaml_benchmarks as _load_yaml
 
-BUILTIN_BENCHMARKS: dict[str, type[Benchmark]] = {
-    "eq_bench": EQBench,
-    "emobench_eu": EmoBenchEU,
-    "emobench_ea": EmoBenchEA,
-    "mpi": MPI,
-    "gsm8k": GSM8K,
-    "mmlu": MMLU,
-    "xstest": XSTest,
-}
+BENCHMARKS = Registry("benchmark")
+"""Built-in benchmarks: add one with a class here and one line below (or with a YAML file alone)."""
+BENCHMARKS.add("eq_bench", EQBench, "EQ-Bench v2 emotion-intensity prediction")
+BENCHMARKS.add("emobench_eu", EmoBenchEU, "EmoBench emotional understanding")
+BENCHMARKS.add("emobench_ea", EmoBenchEA, "EmoBench emotional application")
+BENCHMARKS.add("mpi", MPI, "MPI-120 Big Five questionnaire")
+BENCHMARKS.add("gsm8k", GSM8K, "GSM8K grade-school maths")
+BENCHMARKS.add("mmlu", MMLU, "MMLU multiple choice")
+BENCHMARKS.add("xstest", XSTest, "XSTest exaggerated safety")
 
 
 def load_yaml_benchmarks(folder_or_files: str | Path | Iterable[str | Path], data_root=None,
                          limit: int | None = None, seed: int | None = None) -> dict[str, Benchmark]:
     """YAML-defined benchmarks keyed by name; a name that shadows a built-in id is an error."""
-    return _load_yaml(folder_or_files, data_root, limit, seed, reserved=set(BUILTIN_BENCHMARKS))
+    return _load_yaml(folder_or_files, data_root, limit, seed, reserved=set(BENCHMARKS))
 
 
 __all__ = [
-    "BUILTIN_BENCHMARKS", "Benchmark", "BenchmarkDataError", "EQBench", "EmoBenchEA", "EmoBenchEU", "GSM8K",
+    "BENCHMARKS", "Benchmark", "BenchmarkDataError", "EQBench", "EmoBenchEA", "EmoBenchEU", "GSM8K",
     "MMLU", "MPI", "XSTest", "YamlBenchmark", "YamlSpecError", "load_yaml_benchmarks", "resolve_data_root",
 ]

@@ -22,7 +22,7 @@ import torch
 from torchmetrics import MeanMetric
 from tqdm.auto import tqdm
 
-from lightning_modules.components.eval_model import Conversation, EvalModel
+from .eval_model import Conversation, EvalModel
 
 ENV_VAR = "PERSONAFUSE_BENCHMARKS"
 REPO_ROOT = Path(__file__).resolve().parents[2]

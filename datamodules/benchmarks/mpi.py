@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from datamodules.personas import BIG_FIVE
+
 from .base import (
     Benchmark,
     argmax,
@@ -28,7 +30,7 @@ from .base import (
 )
 
 FILE = "mpi/mpi_120.csv"
-TRAITS = {"O": "openness", "C": "conscientiousness", "E": "extraversion", "A": "agreeableness", "N": "neuroticism"}
+TRAITS = dict(zip("OCEAN", BIG_FIVE))
 OPTION_TEXTS = ("Very Accurate", "Moderately Accurate", "Neither Accurate Nor Inaccurate",
                 "Moderately Inaccurate", "Very Inaccurate")
 OPTION_LABELS = ("(A)", "(B)", "(C)", "(D)", "(E)")

@@ -73,6 +73,16 @@ def load_base_model(
     return model, load_tokenizer(name_or_path, trust_remote_code, revision)
 
 
+def load_configured(m):
+    """(model, tokenizer) for a model config (name_or_path, dtype, trust_remote_code, revision): the one
+    place such a config is unpacked."""
+    return load_base_model(m.name_or_path, m.dtype, m.trust_remote_code, m.revision)
+
+
+def load_configured_tokenizer(m):
+    return load_tokenizer(m.name_or_path, m.trust_remote_code, m.revision)
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

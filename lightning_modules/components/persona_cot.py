@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 
 from datamodules.personas import PersonaSet, Pole
-from datamodules.io import read_yaml_mapping
-from experiments.config import ConfigError
+from datamodules.io import ConfigError, read_yaml_mapping
 from lightning_modules.components.quality_filters import (
     ParseError,
     clean_response,

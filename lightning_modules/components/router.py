@@ -34,17 +34,29 @@ class Router(nn.Module):
 
 
 def normalise_gates(logits: torch.Tensor, kind: str = "sigmoid", temperature: float = 1.0, top_k: int = 3) -> torch.Tensor:
-    """Router logits -> gates in [0, 1]: independent sigmoid, softmax, or softmax over the top k."""
-    if kind == "sigmoid":
-        return torch.sigmoid(logits)
-    if kind == "softmax":
-        return torch.softmax(logits / temperature, dim=-1)
-    if kind == "topk":
-        k = min(top_k, logits.shape[-1])
-        kept = logits.topk(k, dim=-1)
-        masked = torch.full_like(logits, float("-inf")).scatter(-1, kept.indices, kept.values)
-        return torch.softmax(masked / temperature, dim=-1)
-    raise ValueError(f"unknown gate normalisation '{kind}' (sigmoid, softmax, topk)")
+    """Router logits -> gates in [0, 1] by a registered gate normalisation (components/registries.py)."""
+    from lightning_modules.components.registries import GATES
+
+    try:
+        gates = GATES.get(kind)
+    except KeyError as err:
+        raise ValueError(err.args[0]) from None
+    return gates(logits, temperature, top_k)
+
+
+def sigmoid_gates(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
+    return torch.sigmoid(logits)
+
+
+def softmax_gates(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
+    return torch.softmax(logits / temperature, dim=-1)
+
+
+def topk_gates(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
+    k = min(top_k, logits.shape[-1])
+    kept = logits.topk(k, dim=-1)
+    masked = torch.full_like(logits, float("-inf")).scatter(-1, kept.indices, kept.values)
+    return torch.softmax(masked / temperature, dim=-1)
 
 
 def router_loss(
@@ -175,14 +187,24 @@ def minilm_path() -> str:
 
 
 def build_encoder(kind: str, layer: int, base_model: Optional[nn.Module], tokenizer) -> nn.Module:
-    """base_hidden | minilm | hf:<id or path>."""
-    if kind == "base_hidden":
-        return BaseHiddenEncoder(base_model, tokenizer, layer)
-    if kind == "minilm":
-        return SentenceEncoder(minilm_path())
+    """A registered encoder id (components/registries.py) or hf:<id or path>."""
+    from lightning_modules.components.registries import ENCODERS
+
     if kind.startswith("hf:"):
         return SentenceEncoder(kind[3:])
-    raise ValueError(f"unknown router encoder '{kind}'")
+    try:
+        build = ENCODERS.get(kind)
+    except KeyError as err:
+        raise ValueError(err.args[0]) from None
+    return build(layer, base_model, tokenizer)
+
+
+def base_hidden_encoder(layer: int, base_model: Optional[nn.Module], tokenizer) -> nn.Module:
+    return BaseHiddenEncoder(base_model, tokenizer, layer)
+
+
+def minilm_encoder(layer: int, base_model: Optional[nn.Module], tokenizer) -> nn.Module:
+    return SentenceEncoder(minilm_path())
 
 
 def _tokenize(tokenizer, texts: list[str], max_length: int, device, special_tokens: bool) -> dict:

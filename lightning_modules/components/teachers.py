@@ -17,6 +17,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from datamodules.io import ConfigError
+
 Conversation = list[dict[str, str]]
 
 
@@ -230,28 +232,37 @@ def public_url(url: str) -> str:
 
 
 def teacher_id(cfg: Any, default_model: Any) -> str:
-    """The id a teacher built from cfg will have, without loading it (for hashes and records)."""
-    if cfg.kind == "local":
-        return f"local:{cfg.model or default_model.name_or_path}"
-    return f"openai:{cfg.model}@{public_url(cfg.base_url) if cfg.base_url else None}"
+    """The id a teacher built from cfg will have, without loading it (for hashes and records):
+    kind:model, plus @endpoint for a teacher reached over HTTP."""
+    if cfg.base_url:  # a served model: the endpoint (without credentials) is part of its identity
+        return f"{cfg.kind}:{cfg.model}@{public_url(cfg.base_url)}"
+    return f"{cfg.kind}:{cfg.model or default_model.name_or_path}"
 
 
-def build_teacher(cfg: Any, default_model: Any, section: str = "datagen.teacher") -> LocalTeacher | OpenAITeacher:
-    """A teacher from a TeacherConfig (found at `section`); a local teacher without `model` uses the base model."""
-    from experiments.config import ConfigError
+def build_teacher(cfg: Any, default_model: Any, section: str = "datagen.teacher"):
+    """A teacher from a TeacherConfig (found at `section`), built by its registered builder."""
+    from lightning_modules.components.registries import TEACHERS
 
-    if cfg.kind == "local":
-        from lightning_modules.components.base_model import load_base_model
+    if cfg.kind not in TEACHERS:
+        raise ConfigError(f"key '{section}.kind': {TEACHERS.unknown_message(cfg.kind)}")
+    return TEACHERS.get(cfg.kind)(cfg, default_model, section)
 
-        name = cfg.model or default_model.name_or_path
-        revision = default_model.revision if cfg.model is None else None
-        model, tokenizer = load_base_model(name, default_model.dtype, default_model.trust_remote_code, revision)
-        return LocalTeacher(model, tokenizer, name, cfg.batch_size)
-    if cfg.kind == "openai":
-        for key in ("base_url", "model"):
-            if not getattr(cfg, key):
-                raise ConfigError(f"key '{section}.{key}' is required for an openai teacher")
-        return OpenAITeacher(
-            cfg.base_url, cfg.model, cfg.api_key_env, cfg.max_concurrency, cfg.timeout_s, cfg.max_retries, cfg.backoff_s
-        )
-    raise ConfigError(f"key '{section}.kind': unknown teacher '{cfg.kind}' (local, openai)")
+
+def build_local_teacher(cfg: Any, default_model: Any, section: str) -> LocalTeacher:
+    """A local transformers teacher; without `model` it uses the base model (at its revision)."""
+    from lightning_modules.components.base_model import load_base_model, load_configured
+
+    if cfg.model is None:
+        model, tokenizer = load_configured(default_model)
+    else:
+        model, tokenizer = load_base_model(cfg.model, default_model.dtype, default_model.trust_remote_code)
+    return LocalTeacher(model, tokenizer, cfg.model or default_model.name_or_path, cfg.batch_size)
+
+
+def build_openai_teacher(cfg: Any, default_model: Any, section: str) -> OpenAITeacher:
+    for key in ("base_url", "model"):
+        if not getattr(cfg, key):
+            raise ConfigError(f"key '{section}.{key}' is required for an openai teacher")
+    return OpenAITeacher(
+        cfg.base_url, cfg.model, cfg.api_key_env, cfg.max_concurrency, cfg.timeout_s, cfg.max_retries, cfg.backoff_s
+    )

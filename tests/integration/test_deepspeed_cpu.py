@@ -67,13 +67,13 @@ def worker(strategy_name: str, out_dir: Path) -> None:
     from lightning.pytorch.strategies import DeepSpeedStrategy
     from safetensors.torch import load_file
 
-    from experiments import registry
+    from lightning_modules.strategies import DEEPSPEED_CONFIGS
     from experiments.config import LoraConfig, ModelConfig
     from lightning_modules.common import gathered_parameters, persona_model_factory, zero3_model_init
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # see the module docstring
     deepspeed.init_distributed(dist_backend="gloo")
-    config = yaml.safe_load((ROOT / registry.STRATEGIES.get(strategy_name)).read_text())
+    config = yaml.safe_load((ROOT / DEEPSPEED_CONFIGS[strategy_name]).read_text())
     config.update(train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1, gradient_clipping=1.0)
     strategy = DeepSpeedStrategy(config=config)  # only its config and zero_stage_3 are used on CPU
 

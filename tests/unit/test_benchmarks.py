@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from datamodules.benchmarks import (
-    BUILTIN_BENCHMARKS,
+    BENCHMARKS,
     BenchmarkDataError,
     EmoBenchEA,
     EmoBenchEU,
@@ -280,9 +280,9 @@ COUNTS = {"eq_bench": 171, "emobench_eu": 200, "emobench_ea": 200, "mpi": 120, "
 
 
 @needs_data
-@pytest.mark.parametrize("name", sorted(BUILTIN_BENCHMARKS))
+@pytest.mark.parametrize("name", sorted(BENCHMARKS))
 def test_real_file_counts_and_deterministic_limit(name):
-    cls = BUILTIN_BENCHMARKS[name]
+    cls = BENCHMARKS.get(name)
     items = cls(data_root=SHARED).load_items()
     assert len(items) == COUNTS[name]
     assert len({i["item_id"] for i in items}) == len(items)
@@ -308,10 +308,10 @@ EXPECTED_KEYS = {
 
 
 @needs_data
-@pytest.mark.parametrize("name", sorted(BUILTIN_BENCHMARKS))
+@pytest.mark.parametrize("name", sorted(BENCHMARKS))
 def test_evaluate_equals_score_records(name):
     options = {"mmlu": {"k_shot": 1}}.get(name, {})
-    bench = BUILTIN_BENCHMARKS[name](data_root=SHARED, limit=20, seed=0, **options)
+    bench = BENCHMARKS.get(name)(data_root=SHARED, limit=20, seed=0, **options)
     model = ScriptedModel()
     metrics, records = bench.evaluate(model, batch_size=6)
     assert len(records) == 20 and model.generate_calls + model.logprob_calls == 4   # ceil(20 / 6) batches

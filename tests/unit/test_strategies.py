@@ -8,7 +8,7 @@ from unittest import mock
 import pytest
 import yaml
 
-from experiments import registry
+from lightning_modules.strategies import DEEPSPEED_CONFIGS
 
 ROOT = Path(__file__).resolve().parents[2]
 STRATEGIES = {"deepspeed_zero2": 2, "deepspeed_zero3": 3}
@@ -19,7 +19,7 @@ deepspeed = pytest.importorskip(
 
 
 def shipped(name: str) -> dict:
-    return yaml.safe_load((ROOT / registry.STRATEGIES.get(name)).read_text())
+    return yaml.safe_load((ROOT / DEEPSPEED_CONFIGS[name]).read_text())
 
 
 def as_lightning_fills(config: dict, micro_batch: int, accumulate: int, clip: float, precision: str) -> dict:

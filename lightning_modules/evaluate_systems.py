@@ -1,13 +1,14 @@
 """Evaluated systems are configurations, not code: which adapters, which gates, which prompt.
 
-An ablation is one more `SystemSpec` registered in experiments/registry.py.
+An ablation is one more `SystemSpec` in `builtin_systems` (SYSTEMS is the registry of them; torch-free).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
 
-BIG_FIVE = ("openness", "conscientiousness", "extraversion", "agreeableness", "neuroticism")
+from datamodules.io import Registry
+from datamodules.personas import BIG_FIVE
 
 
 @dataclass(frozen=True)
@@ -48,3 +49,8 @@ def builtin_systems() -> dict[str, SystemSpec]:
             systems[f"expert_{trait}_{pole}"] = SystemSpec(f"only the {trait}_{pole} expert, gate 1 (trait check)",
                                                            adapters="adapter_sft", gates="pole", pole=f"{trait}_{pole}")
     return systems
+
+
+SYSTEMS = Registry("system")
+for _name, _spec in builtin_systems().items():
+    SYSTEMS.add(_name, _spec, _spec.description)
