@@ -33,7 +33,7 @@ from datamodules.situations import (
     split_situations,
     write_dataset_card,
 )
-from lightning_modules.components.persona_cot import REASONS, CoTSettings, PersonaCoT, PromptSet, error_reason
+from lightning_modules.components.persona_cot import REASONS, PersonaCoT, PromptSet, error_reason
 from lightning_modules.components.teachers import build_teacher, derive_seed, teacher_id
 
 if TYPE_CHECKING:  # annotations only: stages get typed config sections, never import experiments/
@@ -119,7 +119,7 @@ def run(ctx) -> dict:
     cfg: ExperimentConfig = ctx.cfg
     if cfg.datagen.teacher.kind != "local" and not ctx.is_rank_zero:
         return {}  # an HTTP teacher is called from rank 0 alone (its own concurrency limits apply)
-    personas_path, corpus_path = cfg.personas.file, cfg.data.situations
+    personas_path, corpus_path = Path(cfg.personas.file), Path(cfg.data.situations)
     personas = load_personas(personas_path)
     corpus = load_situations(corpus_path, personas, cfg.data.on_bad_line)
     splits = split_situations(corpus, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
@@ -177,14 +177,7 @@ def datagen_hash(cfg: ExperimentConfig, personas_path: Path, corpus_path: Path, 
 
 
 def _cot(cfg: ExperimentConfig, personas: PersonaSet, prompts: PromptSet) -> PersonaCoT:
-    d, t = cfg.datagen, cfg.datagen.teacher
-    settings = CoTSettings(
-        max_new_tokens=t.max_new_tokens, temperature=t.temperature, retry_temperature=d.retry_temperature,
-        parse_retries=d.parse_retries, min_words=d.min_words, max_words=d.max_words,
-        duplicate_threshold=d.duplicate_threshold, judge=d.judge, activation_threshold=d.activation_threshold,
-        analysis_max_new_tokens=d.analysis_max_new_tokens,
-    )
-    return PersonaCoT(build_teacher(t, cfg.model), personas, prompts, settings)
+    return PersonaCoT(build_teacher(cfg.datagen.teacher, cfg.model), personas, prompts, cfg.datagen)
 
 
 def _trainer(cfg: ExperimentConfig) -> L.Trainer:

@@ -8,7 +8,6 @@ from Lightning's predict loop and turns its drafts into records.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
@@ -141,33 +140,21 @@ def activated_poles(label: dict[str, float], personas: PersonaSet, threshold: fl
 # --------------------------------------------------------------------------- the Persona-CoT steps
 
 
-@dataclass(frozen=True)
-class CoTSettings:
-    max_new_tokens: int = 96
-    temperature: float = 0.7
-    retry_temperature: float = 0.7
-    parse_retries: int = 1
-    min_words: int = 3
-    max_words: int = 220
-    duplicate_threshold: float = 0.9
-    judge: bool = False
-    activation_threshold: float = 0.5
-    analysis_max_new_tokens: Optional[int] = None
-
-    @property
-    def word_budget(self) -> int:
-        # Ask for what fits the token budget (~0.75 words per token), so replies end on their own.
-        return max(1, min(self.max_words, self.max_new_tokens * 3 // 4))
-
-
 class PersonaCoT:
-    """Steps (a)-(d), the filters and the optional judge for one batch of situations. No Lightning."""
+    """Steps (a)-(d), the filters and the optional judge for one batch of situations. No Lightning.
 
-    def __init__(self, teacher: Any, personas: PersonaSet, prompts: PromptSet, settings: CoTSettings) -> None:
+    cfg: the datagen config section (DatagenConfig: parse_retries, min_words, ..., and teacher with
+    max_new_tokens and temperature), read as it is rather than copied into a settings type.
+    """
+
+    def __init__(self, teacher: Any, personas: PersonaSet, prompts: PromptSet, cfg: Any) -> None:
         self.teacher = teacher
         self.personas = personas
         self.prompts = prompts
-        self.s = settings
+        self.cfg = cfg
+        self.max_new_tokens, self.temperature = cfg.teacher.max_new_tokens, cfg.teacher.temperature
+        # Ask for what fits the token budget (~0.75 words per token), so replies end on their own.
+        self.word_budget = max(1, min(cfg.max_words, self.max_new_tokens * 3 // 4))
 
     def run_batch(self, situations: Sequence[Situation], seed: int) -> list[dict]:
         """One dict per situation: cues, teacher label, pole and fused responses with flags, tokens."""
@@ -175,7 +162,7 @@ class PersonaCoT:
         self._analyse(situations, drafts, seed)
         self._pole_responses(situations, drafts, seed)
         self._fused(situations, drafts, seed)
-        if self.s.judge:
+        if self.cfg.judge:
             self._judge(situations, drafts, seed)
         for draft in drafts:
             _finish(draft)
@@ -188,11 +175,11 @@ class PersonaCoT:
         """
         results: dict[int, tuple[Any, Optional[str], str, int]] = {}
         todo = list(range(len(convs)))
-        for attempt in range(self.s.parse_retries + 1):
+        for attempt in range(self.cfg.parse_retries + 1):
             if not todo:
                 break
             # A greedy retry would repeat the same answer: retries sample.
-            temp = temperature if attempt == 0 or temperature > 0 else self.s.retry_temperature
+            temp = temperature if attempt == 0 or temperature > 0 else self.cfg.retry_temperature
             gens = self.teacher.generate([convs[i] for i in todo], max_tokens, temp, derive_seed(seed, step, attempt))
             retry = []
             for i, gen in zip(todo, gens):
@@ -206,27 +193,27 @@ class PersonaCoT:
     def _analyse(self, situations, drafts, seed) -> None:
         convs = [self.prompts.analysis(s, self.personas) for s in situations]
         # The rating lines alone take ~7 tokens per pole, whatever the reply budget is.
-        budget = self.s.analysis_max_new_tokens or 10 * len(self.personas.ids) + 64
+        budget = self.cfg.analysis_max_new_tokens or 10 * len(self.personas.ids) + 64
         read = lambda text: parse_analysis(text, self.personas.ids)  # noqa: E731
         owners = list(range(len(situations)))
-        results = self._retrying("analysis", convs, read, drafts, owners, seed, budget, self.s.temperature)
+        results = self._retrying("analysis", convs, read, drafts, owners, seed, budget, self.temperature)
         for draft, (value, error, raw, attempts) in zip(drafts, results):
             draft.update(cues=value.cues if value else None, teacher_label=value.ratings if value else None,
                          teacher_label_error=error, analysis_raw=raw[:2000], analysis_attempts=attempts)
 
     def _pole_responses(self, situations, drafts, seed) -> None:
-        convs = [self.prompts.pole(s, p, self.s.word_budget) for s in situations for p in self.personas.poles]
-        gens = iter(self.teacher.generate(convs, self.s.max_new_tokens, self.s.temperature, derive_seed(seed, "pole")))
+        convs = [self.prompts.pole(s, p, self.word_budget) for s in situations for p in self.personas.poles]
+        gens = iter(self.teacher.generate(convs, self.max_new_tokens, self.temperature, derive_seed(seed, "pole")))
         for situation, draft in zip(situations, drafts):
             draft["responses"] = {p.id: self._response(next(gens), situation, draft) for p in self.personas.poles}
             texts = {k: r["text"] for k, r in draft["responses"].items()}
-            for pole_id in near_duplicates(texts, self.s.duplicate_threshold):
+            for pole_id in near_duplicates(texts, self.cfg.duplicate_threshold):
                 draft["responses"][pole_id]["flags"].append("duplicate")
 
     def _fused(self, situations, drafts, seed) -> None:
-        chosen = [activated_poles(s.label, self.personas, self.s.activation_threshold) for s in situations]
-        convs = [self.prompts.fused(s, a, d["cues"], self.s.word_budget) for s, a, d in zip(situations, chosen, drafts)]
-        gens = self.teacher.generate(convs, self.s.max_new_tokens, self.s.temperature, derive_seed(seed, "fused"))
+        chosen = [activated_poles(s.label, self.personas, self.cfg.activation_threshold) for s in situations]
+        convs = [self.prompts.fused(s, a, d["cues"], self.word_budget) for s, a, d in zip(situations, chosen, drafts)]
+        gens = self.teacher.generate(convs, self.max_new_tokens, self.temperature, derive_seed(seed, "fused"))
         for situation, draft, active, gen in zip(situations, drafts, chosen, gens):
             draft["fused"] = {"poles": [p.id for p, _ in active], **self._response(gen, situation, draft)}
 
@@ -235,7 +222,7 @@ class PersonaCoT:
         if gen.error:
             return {"text": "", "accepted": False, "flags": ["generation_error"], "error": gen.error}
         text = clean_response(gen.text, gen.finished)
-        flags = response_flags(text, situation.user_text, self.s.min_words, self.s.max_words)
+        flags = response_flags(text, situation.user_text, self.cfg.min_words, self.cfg.max_words)
         return {"text": text, "accepted": False, "flags": flags, "error": None}
 
     def _judge(self, situations, drafts, seed) -> None:
