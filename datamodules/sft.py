@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import lightning as L
 import torch
@@ -70,13 +70,17 @@ def encode_example(tokenizer, conversation: list[dict], response: str, max_lengt
 
 
 class SFTDataset(Dataset):
-    """Tokenised examples as dicts: input_ids, labels, and each record's pole index."""
+    """Tokenised chat examples as dicts: input_ids, labels (loss on the response only), plus each
+    example's own fields (its pole index for adapter_sft; its label vector and conversation for joint).
 
-    def __init__(self, records: Sequence[SFTRecord], tokenizer, pole_ids: Sequence[str], max_length: int):
+    examples: (conversation, response, fields) triples.
+    """
+
+    def __init__(self, examples: Iterable[tuple[list[dict], str, dict]], tokenizer, max_length: int):
         self.items = []
-        for rec in records:
-            ids, labels = encode_example(tokenizer, rec.conversation(), rec.response, max_length)
-            self.items.append({"input_ids": ids, "labels": labels, "pole": pole_ids.index(rec.pole)})
+        for conversation, response, fields in examples:
+            ids, labels = encode_example(tokenizer, conversation, response, max_length)
+            self.items.append({"input_ids": ids, "labels": labels, **fields})
 
     def __len__(self) -> int:
         return len(self.items)
@@ -138,8 +142,11 @@ class PersonaSFTDataModule(L.LightningDataModule):
         if not self.records:
             raise DataError("adapter SFT has no training records (no datagen output and no persona examples)")
         train, val = split_by_pole(self.records, self.val_fraction, self.seed)
-        self.train_set = SFTDataset(train, self.tokenizer, self.pole_ids, self.max_length)
-        self.val_set = SFTDataset(val, self.tokenizer, self.pole_ids, self.max_length)
+        self.train_set = SFTDataset(self._examples(train), self.tokenizer, self.max_length)
+        self.val_set = SFTDataset(self._examples(val), self.tokenizer, self.max_length)
+
+    def _examples(self, records: Sequence[SFTRecord]) -> Iterator[tuple[list[dict], str, dict]]:
+        return ((r.conversation(), r.response, {"pole": self.pole_ids.index(r.pole)}) for r in records)
 
     def train_dataloader(self) -> DataLoader:
         return train_loader(self.train_set, self.batch_size, self.seed, collate(self.tokenizer.pad_token_id))

@@ -15,12 +15,11 @@ from typing import Callable, Optional, Sequence
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from datamodules.io import DataError, iter_jsonl, require_keys
 from datamodules.loaders import train_loader
 from datamodules.personas import PersonaSet, load_personas
-from datamodules.sft import IGNORE_INDEX, collate, encode_example
+from datamodules.sft import IGNORE_INDEX, SFTDataset, collate
 from lightning_modules.common import adamw, build_trainer, last_checkpoint, load_experts, seed_everything
 from lightning_modules.components.personafuse import assemble_folder
 from lightning_modules.components.router import normalise_gates, router_loss, save_router
@@ -70,21 +69,11 @@ class JointModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if ".lora_" in k or ".router." in k}
 
 
-class FusedDataset(Dataset):
+def fused_dataset(records: Sequence[dict], tokenizer, personas: PersonaSet, max_length: int) -> SFTDataset:
     """{messages, response, label} -> masked tokens, the label vector, and the conversation to route."""
-
-    def __init__(self, records: Sequence[dict], tokenizer, personas: PersonaSet, max_length: int):
-        self.items = []
-        for rec in records:
-            ids, labels = encode_example(tokenizer, rec["messages"], rec["response"], max_length)
-            self.items.append({"input_ids": ids, "labels": labels, "conversation": rec["messages"],
-                               "label": personas.label_vector(rec["label"], rec.get("where", "joint data"))})
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.items[i]
+    return SFTDataset(((r["messages"], r["response"], {"conversation": r["messages"],
+                        "label": personas.label_vector(r["label"], r.get("where", "joint data"))}) for r in records),
+                      tokenizer, max_length)
 
 
 def load_fused_records(path: Path, on_bad_line: str = "fail") -> list[dict]:
@@ -132,7 +121,7 @@ def run(ctx) -> dict:
 
     tok = load_configured_tokenizer(cfg.model)
     train, val = _split(load_fused_records(source, cfg.data.on_bad_line), cfg.adapter_sft.val_fraction, cfg.seed)
-    loaders = [train_loader(FusedDataset(part, tok, personas, jc.max_length), jc.batch_size, cfg.seed,
+    loaders = [train_loader(fused_dataset(part, tok, personas, jc.max_length), jc.batch_size, cfg.seed,
                             collate(tok.pad_token_id, ("label",)), shuffle)
                for part, shuffle in ((train, True), (val or train, False))]
     rc = cfg.router
