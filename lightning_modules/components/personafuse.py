@@ -160,15 +160,12 @@ class PersonaFuse(nn.Module):
 
     def save(self, folder: str | Path, base_model: str, lora: dict) -> Path:
         """One folder: adapters/<pole>/ (PEFT), router/ (safetensors + json), personafuse.json."""
-        from datamodules.io import atomic_write_text
-
         folder = Path(folder)
         for name in self.persona_model.expert_names:
             self.persona_model.export_peft(name, folder / "adapters" / name, base_model)
         save_router(self.router, folder / "router", {k: v for k, v in self.meta.items()
                                                      if k not in ("input_dim", "num_experts", "hidden")})
-        atomic_write_text(folder / "personafuse.json", json.dumps(
-            {"base_model": base_model, "experts": self.persona_model.expert_names, "lora": lora}, indent=2))
+        write_manifest(folder, base_model, self.persona_model.expert_names, lora)
         return folder
 
     @classmethod
@@ -177,9 +174,9 @@ class PersonaFuse(nn.Module):
         from lightning_modules.components.base_model import load_base_model
 
         folder = Path(folder)
-        meta_file = folder / "personafuse.json"
+        meta_file = folder / MANIFEST
         if not meta_file.is_file():
-            raise FileNotFoundError(f"{folder} is not a PersonaFuse folder (no personafuse.json)")
+            raise FileNotFoundError(f"{folder} is not a PersonaFuse folder (no {MANIFEST})")
         meta = json.loads(meta_file.read_text())
         base, tok = load_base_model(meta["base_model"], dtype)
         lora = meta["lora"]
@@ -191,12 +188,22 @@ class PersonaFuse(nn.Module):
         return cls(model, tok, router.to(device), router_meta)
 
 
+MANIFEST = "personafuse.json"
+"""What marks a PersonaFuse folder: the base model, the expert names and the LoRA settings."""
+
+
+def write_manifest(folder: Path, base_model: str, experts: list[str], lora: dict) -> None:
+    """The one writer of personafuse.json (PersonaFuse.save and assemble_folder)."""
+    from datamodules.io import atomic_write_text
+
+    atomic_write_text(Path(folder) / MANIFEST, json.dumps({"base_model": base_model, "experts": list(experts), "lora": lora},
+                                                          indent=2))
+
+
 def assemble_folder(dest: Path, adapters_dir: Path, router_dir: Path, base_model: str, experts: list[str], lora: dict) -> Path:
     """Copy trained adapters and router into one PersonaFuse folder, atomically (tmp dir, then rename)."""
     import shutil
     import tempfile
-
-    from datamodules.io import atomic_write_text
 
     dest = Path(dest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
@@ -204,7 +211,7 @@ def assemble_folder(dest: Path, adapters_dir: Path, router_dir: Path, base_model
         for name in experts:
             shutil.copytree(Path(adapters_dir) / name, tmp / "adapters" / name)
         shutil.copytree(router_dir, tmp / "router")
-        atomic_write_text(tmp / "personafuse.json", json.dumps({"base_model": base_model, "experts": experts, "lora": lora}, indent=2))
+        write_manifest(tmp, base_model, experts, lora)
         if dest.exists():
             shutil.rmtree(dest)
         tmp.rename(dest)
