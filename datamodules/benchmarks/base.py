@@ -10,7 +10,6 @@ records file can be re-scored later and always reproduces the logged numbers exa
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import random
@@ -22,6 +21,9 @@ import torch
 from torchmetrics import MeanMetric
 from tqdm.auto import tqdm
 
+from datamodules.io import DataError, iter_jsonl
+from datamodules.io import read_json as _read_json
+
 from .eval_model import Conversation, EvalModel
 
 ENV_VAR = "PERSONAFUSE_BENCHMARKS"
@@ -30,7 +32,7 @@ CACHE_ROOT = Path("~/.cache/personafuse/benchmarks")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
-class BenchmarkDataError(ValueError):
+class BenchmarkDataError(DataError):
     """A benchmark file is missing or does not match its documented format."""
 
 
@@ -228,26 +230,25 @@ def _fail(benchmark: str, path: Path, where: str, problem: str) -> BenchmarkData
 
 
 def read_json(benchmark: str, path: Path) -> Any:
-    """Parse a JSON file; a syntax error reports file:line."""
+    """Parse a JSON file (datamodules.io.read_json); a syntax error reports file:line and the benchmark."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise _fail(benchmark, path, f":{err.lineno}", f"invalid JSON ({err.msg})") from err
+        return _read_json(path)
+    except DataError as err:
+        raise BenchmarkDataError(f"benchmark '{benchmark}': {err}") from None
 
 
 def read_jsonl(benchmark: str, path: Path, required: Sequence[str] = ()) -> list[dict]:
-    """Parse JSON Lines into dicts with a ``_line`` entry; each needs the ``required`` keys (errors: file:line)."""
+    """Parse JSON Lines (datamodules.io.iter_jsonl) into dicts with a ``_line`` entry; each needs the
+    ``required`` keys (errors: file:line and the benchmark)."""
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise _fail(benchmark, path, f":{lineno}", f"invalid JSON ({err.msg})") from err
+    try:
+        for lineno, row in iter_jsonl(path):
             require_keys(benchmark, path, lineno, row, required)
             rows.append({**row, "_line": lineno})
+    except BenchmarkDataError:
+        raise
+    except DataError as err:
+        raise BenchmarkDataError(f"benchmark '{benchmark}': {err}") from None
     return rows
 
 

@@ -417,7 +417,7 @@ def _write(root: Path, relative: str, text: str) -> Path:
 @pytest.mark.parametrize("relative, text, cls, expected", [
     ("gsm8k/test.jsonl", '{"question": "q", "answer": "#### 1"}\n{"question": "q2"}\n', GSM8K,
      r"test\.jsonl:2.*answer"),
-    ("gsm8k/test.jsonl", '{"question": "q", "answer": "#### 1"}\n{oops\n', GSM8K, r"test\.jsonl:2.*invalid JSON"),
+    ("gsm8k/test.jsonl", '{"question": "q", "answer": "#### 1"}\n{oops\n', GSM8K, r"test\.jsonl:2.*malformed JSONL"),
     ("gsm8k/test.jsonl", '{"question": "q", "answer": "no marker"}\n', GSM8K, r"test\.jsonl:1.*####"),
     ("mpi/mpi_120.csv", "label_raw,text,label_ocean\nAnxiety,Worry,N\n", MPI, r"mpi_120\.csv:1.*key"),
     ("mpi/mpi_120.csv", "label_raw,text,label_ocean,key\nAnxiety,Worry,N,1\nX,Y,Q,1\n", MPI,
