@@ -207,7 +207,7 @@ def build_systems(args, base, tok, workdir: Path):
 
     from lightning_modules.components.persona_lora import PersonaLoRAModel
     from lightning_modules.components.personafuse import PersonaFuse
-    from lightning_modules.components.router import Router
+    from lightning_modules.components.router import GateSettings, Router
 
     torch.manual_seed(0)
     pm = PersonaLoRAModel(copy.deepcopy(base), POLES, r=args.rank, alpha=2.0 * args.rank, dropout=0.05)
@@ -215,9 +215,8 @@ def build_systems(args, base, tok, workdir: Path):
     for layer in pm.persona_layers():  # trained-size deltas: ‖ΔW‖ ≈ 2% of ‖W‖
         layer.lora_B.data.normal_(0.0, 0.02, generator=gen)
     pm.eval()
-    router = Router(base.config.hidden_size, len(POLES), hidden=256, dropout=0.0).eval()
-    meta = {"encoder": "base_hidden", "layer": args.router_layer, "gate": "sigmoid", "temperature": 1.0, "top_k": 3,
-            "expert_names": POLES}
+    router = Router(base.config.hidden_size, len(POLES), hidden=256, dropout=0.0, gate=GateSettings("sigmoid", 1.0, 3)).eval()
+    meta = {"encoder": "base_hidden", "layer": args.router_layer, "expert_names": POLES}
     fuse = PersonaFuse(pm, tok, router, meta).eval()
 
     adapters = {pole: pm.export_peft(pole, workdir / "adapters" / pole) for pole in POLES}
@@ -332,7 +331,7 @@ def bench_merge_cost(args, pm, fuse) -> dict:
         with torch.no_grad():
             gc.collect()
             t0 = time.perf_counter()
-            ctx = pm.gates(gates, merge=True)
+            ctx = pm.merged(gates)
             ctx.__enter__()
             t1 = time.perf_counter()
             ctx.__exit__(None, None, None)
@@ -340,7 +339,7 @@ def bench_merge_cost(args, pm, fuse) -> dict:
         merge.add(t1 - t0)
         unmerge.add(t2 - t1)
     records = []
-    with torch.no_grad(), pm.gates(gates, merge=True):
+    with torch.no_grad(), pm.merged(gates):
         for rec in pm._merge_records:
             if rec is not None:
                 records.append(rec)
@@ -442,10 +441,10 @@ def bench_sft(args, base, tok, pm) -> dict:
 
         def step(b):
             gates = F.one_hot(b["pole"], len(POLES)).float()
-            with pm.gates(gates):
+            with pm.holding(gates):  # by hand, to reach into the gate state
                 if force_fused:  # same maths through the all-experts product (E·r columns per token)
                     pm.state.onehot_index = pm.state.onehot_weight = None
-                logits = pm(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                logits = pm.base_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
             return lm_loss(logits, b["labels"])
         return step
 
@@ -529,7 +528,7 @@ def memory_probe(args) -> dict:
     else:
         from lightning_modules.components.persona_lora import PersonaLoRAModel
         from lightning_modules.components.personafuse import PersonaFuse
-        from lightning_modules.components.router import Router
+        from lightning_modules.components.router import GateSettings, Router
 
         torch.manual_seed(0)
         pm = PersonaLoRAModel(base, POLES, r=args.rank, alpha=2.0 * args.rank, dropout=0.05)
@@ -539,8 +538,8 @@ def memory_probe(args) -> dict:
             layer.lora_B.data.normal_(0.0, 0.02)
             expert_bytes += (layer.lora_A.numel() + layer.lora_B.numel()) * layer.lora_A.element_size()
         pm.eval()
-        meta = {"encoder": "base_hidden", "layer": args.router_layer, "gate": "sigmoid", "temperature": 1.0, "top_k": 3}
-        fuse = PersonaFuse(pm, tok, Router(base.config.hidden_size, len(POLES), 256, 0.0).eval(), meta)
+        meta = {"encoder": "base_hidden", "layer": args.router_layer}
+        fuse = PersonaFuse(pm, tok, Router(base.config.hidden_size, len(POLES), 256, 0.0, GateSettings("sigmoid", 1.0, 3)).eval(), meta)
         run = lambda n: fuse.generate(conversations(batch), n)  # noqa: E731
         hf = base
     with fixed_length(hf, 2):

@@ -65,8 +65,7 @@ class AdapterSFTModule(L.LightningModule):
 
     def _step(self, batch):
         gates = F.one_hot(batch["pole"], len(self.expert_names)).to(self.dtype_of_experts())
-        with self.model.gates(gates):
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], gates=gates).logits
         labels = batch["labels"][:, 1:]
         token_loss = F.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),

@@ -38,6 +38,24 @@ class EvalJob:
     benchmark: str
 
 
+class GatesUsed:
+    """The EvalModel one job hands its benchmark: the system's ChatModel, keeping the gate rows
+    that each of its calls returns (they go to records/<system>/gates.json)."""
+
+    def __init__(self, model: ChatModel) -> None:
+        self.model, self.rows = model, []
+
+    def generate(self, conversations, max_new_tokens: int) -> list[str]:
+        texts, gates = self.model.generate_gated(conversations, max_new_tokens)
+        self.rows += gates
+        return texts
+
+    def option_logprobs(self, conversations, options) -> list[list[float]]:
+        scores, gates = self.model.option_logprobs_gated(conversations, options)
+        self.rows += gates
+        return scores
+
+
 class EvaluateModule(L.LightningModule):
     """predict_step runs one (system, benchmark) job; finished jobs are read back from the cache."""
 
@@ -55,11 +73,10 @@ class EvaluateModule(L.LightningModule):
         cached = read_json(path)
         if cached is not None:
             return cached
-        model = self._model(job.system)
-        model.last_gates = []
+        model = GatesUsed(self._model(job.system))
         metrics, records = self.benchmarks[job.benchmark].evaluate(model, self.batch_size)
         result = {"system": job.system, "benchmark": job.benchmark, "metrics": metrics,
-                  "records": records, "gates": model.last_gates}
+                  "records": records, "gates": model.rows}
         atomic_write_text(path, json.dumps(result))
         return result
 

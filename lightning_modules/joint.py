@@ -22,15 +22,15 @@ from datamodules.personas import PersonaSet, load_personas
 from datamodules.sft import IGNORE_INDEX, SFTDataset, collate
 from lightning_modules.common import adamw, build_trainer, last_checkpoint, load_experts, seed_everything
 from lightning_modules.components.personafuse import assemble_folder
-from lightning_modules.components.router import normalise_gates, router_loss, save_router
+from lightning_modules.components.router import router_loss, save_router
 
 
 class JointModule(L.LightningModule):
     """Router + experts trained on fused responses; `build` returns (PersonaFuse) inside configure_model."""
 
-    def __init__(self, build: Callable, gate: dict, loss_weights, trait_pairs, router_weight: float, lr: float):
+    def __init__(self, build: Callable, loss_weights, trait_pairs, router_weight: float, lr: float):
         super().__init__()
-        self.build, self.gate, self.loss_weights = build, gate, loss_weights
+        self.build, self.loss_weights = build, loss_weights
         self.trait_pairs, self.router_weight, self.lr = list(trait_pairs), router_weight, lr
         self.fuse = None
         self.strict_loading = False  # checkpoints hold experts and router only
@@ -53,9 +53,8 @@ class JointModule(L.LightningModule):
         with torch.no_grad():
             pooled = fuse.encoder(batch["conversation"]).to(self.device)
         logits = fuse.router(pooled)
-        gates = normalise_gates(logits, self.gate["gate"], self.gate["temperature"], self.gate["top_k"])
-        with fuse.persona_model.gates(gates):
-            out = fuse.persona_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        gates = fuse.router.normalise(logits)  # the gate settings the router was trained and saved with
+        out = fuse.persona_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], gates=gates).logits
         labels = batch["labels"][:, 1:]
         lm = F.cross_entropy(out[:, :-1].float().reshape(-1, out.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
         routed = router_loss(fuse.router, logits, batch["label"].to(logits.dtype), pooled, self.loss_weights, self.trait_pairs)
@@ -125,8 +124,7 @@ def run(ctx) -> dict:
                             collate(tok.pad_token_id, ("label",)), shuffle)
                for part, shuffle in ((train, True), (val or train, False))]
     rc = cfg.router
-    module = JointModule(_builder(cfg, ctx.outputs), {"gate": rc.gate, "temperature": rc.temperature, "top_k": rc.top_k},
-                         rc.loss, personas.trait_pairs(), jc.router_loss_weight, jc.lr)
+    module = JointModule(_builder(cfg, ctx.outputs), rc.loss, personas.trait_pairs(), jc.router_loss_weight, jc.lr)
     trainer = build_trainer(cfg.trainer, ctx.stage_dir, ctx.tracking_uri, ctx.run_id,
                             jc.max_steps if jc.max_steps is not None else cfg.trainer.max_steps,
                             find_unused_parameters=True)  # the router's contrastive head when that loss is off
@@ -149,7 +147,7 @@ def _export(ctx, fuse, personas: PersonaSet, result: dict) -> dict:
     adapters, router_dir = ctx.stage_dir / "adapters", ctx.stage_dir / "router"
     for name in personas.ids:
         fuse.persona_model.export_peft(name, adapters / name, cfg.model.name_or_path)
-    save_router(fuse.router, router_dir, {k: v for k, v in fuse.meta.items() if k not in ("input_dim", "num_experts", "hidden")})
+    save_router(fuse.router, router_dir, fuse.meta)
     lora = {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "target_modules": list(cfg.lora.target_modules)}
     folder = assemble_folder(ctx.stage_dir / "personafuse", adapters, router_dir, cfg.model.name_or_path, personas.ids, lora)
     ctx.log_artifact(folder, "personafuse")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import lightning as L
 import torch
@@ -25,10 +25,7 @@ from datamodules.personas import load_personas
 from datamodules.situations import Situation, load_situations, split_situations
 from lightning_modules.common import build_trainer, seed_everything
 from lightning_modules.components.personafuse import assemble_folder
-from lightning_modules.components.router import Router, build_encoder, normalise_gates, router_loss, save_router
-
-if TYPE_CHECKING:  # annotations only: stages get typed config sections, never import experiments/
-    from experiments.config import RouterConfig
+from lightning_modules.components.router import GateSettings, Router, build_encoder, router_loss, save_router
 
 
 class RouterModule(L.LightningModule):
@@ -140,7 +137,7 @@ def run(ctx) -> dict:
     labels = torch.tensor([personas.label_vector(s.label, s.id) for s in ordered])
     bounds = _bounds([len(splits[n]) for n in ("train", "val", "test")])
     loaders = {n: _loader(emb[a:b], labels[a:b], rc.batch_size, n == "train", cfg.seed) for n, (a, b) in bounds.items()}
-    router = Router(emb.shape[1], len(personas.ids), rc.hidden, rc.dropout)
+    router = Router(emb.shape[1], len(personas.ids), rc.hidden, rc.dropout, GateSettings(rc.gate, rc.temperature, rc.top_k))
     module = RouterModule(router, personas.ids, rc.loss, personas.trait_pairs(), rc.lr)
     trainer = build_trainer(cfg.trainer, ctx.stage_dir, ctx.tracking_uri, ctx.run_id, max_steps=-1,
                             max_epochs=rc.max_epochs, checkpoint=False, find_unused_parameters=True)
@@ -149,8 +146,9 @@ def run(ctx) -> dict:
     folder = ctx.stage_dir / "router"
     if not ctx.is_rank_zero:
         return {"router": str(folder), "test": test}
-    save_router(router, folder, _router_meta(rc, personas.ids, emb.shape[1]))
-    gates = _gates(router, emb, rc)
+    save_router(router, folder, {"encoder": rc.encoder, "layer": rc.layer, "expert_names": personas.ids,
+                                 "embedding_dim": emb.shape[1]})
+    gates = _gates(router, emb)
     heatmap = plot_gate_heatmap(gates, [s.domain for s in ordered], personas.ids, ctx.stage_dir / "gates_by_domain.png")
     ctx.log_artifact(folder, "router")
     ctx.log_artifact(heatmap)
@@ -162,15 +160,10 @@ def run(ctx) -> dict:
     return result
 
 
-def _router_meta(rc: RouterConfig, expert_names: list[str], dim: int) -> dict:
-    return {"encoder": rc.encoder, "layer": rc.layer, "gate": rc.gate, "temperature": rc.temperature,
-            "top_k": rc.top_k, "expert_names": expert_names, "embedding_dim": dim}
-
-
-def _gates(router: Router, emb: torch.Tensor, rc: RouterConfig) -> torch.Tensor:
+def _gates(router: Router, emb: torch.Tensor) -> torch.Tensor:
     router.eval()
     with torch.no_grad():
-        return normalise_gates(router(emb), rc.gate, rc.temperature, rc.top_k)
+        return router.gates(emb)
 
 
 def plot_gate_heatmap(gates: torch.Tensor, domains: Sequence[str], poles: Sequence[str], path: Path) -> Path:

@@ -6,13 +6,15 @@ All experts are one fused low-rank product (A stacked to [E·r, in], B to [out, 
 E passes; for a few tokens at a time (decoding) the B side is one batched matmul over experts, so
 B is never re-laid-out per token. When every sequence is gated to a single expert (adapter SFT),
 each example gathers its own expert's A and B instead, so an example costs one expert, not E.
-Gates are set once per batch (`PersonaLoRAModel.gates(g)`) and stay fixed while generating,
-which keeps the KV cache valid.
+The gate vector is a value: `model(..., gates=g)` and `model.generate(..., gates=g)` hold g for
+the call (fixed for every generated token, which keeps the KV cache valid); gates=None is exactly
+the base model.
 
-When every row of a batch shares one gate vector (batch 1, or identical gates) and no gradient is
-needed, `gates(g, merge=True)` folds Σ_e g_e·(α/r)·B_e A_e into the base weights once, so each
-decoded token costs what the base model costs; leaving the block restores the base weights
-bit-exactly (see `PersonaLoRALinear.merge_`). No Lightning here.
+Merging is its own explicit step: when every row of a batch shares one gate vector (batch 1, or
+identical gates) and no gradient is needed, `with model.merged(g):` folds Σ_e g_e·(α/r)·B_e A_e
+into the base weights once, so each decoded token of a call with gates=g costs what the base model
+costs; leaving the block restores the base weights bit-exactly (see `PersonaLoRALinear.merge_`).
+No Lightning here.
 """
 from __future__ import annotations
 
@@ -262,7 +264,7 @@ class PersonaLoRALinear(nn.Module):
         if not torch.equal(w.view(-1)[_probe_index(record.probe, w.device)], record.probe_values):
             raise RuntimeError(
                 "restoring the base weights after a merge was not bit-exact (ΔW was not reproducible: "
-                "was the device changed inside a merged gates() block?)"
+                "was the device changed inside a merged() block?)"
             )
 
 
@@ -328,6 +330,7 @@ class PersonaLoRAModel(nn.Module):
         # themselves (swapped out of the model for their plain nn.Linear, so decoding is the base model's).
         self._merge_records: Optional[list] = None
         self._merged_layers: Optional[list[PersonaLoRALinear]] = None
+        self._merge_row: Optional[torch.Tensor] = None
         self.merge_restore = "recompute"
         """How merged weights are restored: "recompute" (ΔW again; O(2%) extra memory) or "copy" (a copy of
         every target weight; about half the merge+restore time, one extra copy of those weights)."""
@@ -371,46 +374,81 @@ class PersonaLoRAModel(nn.Module):
             parent, leaf = name.rsplit(".", 1) if "." in name else ("", name)
             setattr(self.base_model.get_submodule(parent) if parent else self.base_model, leaf, module)
 
-    def set_gates(self, gates: Optional[torch.Tensor]) -> None:
-        """Gates for the following forwards (unmerging first if experts are folded into the weights)."""
-        if gates is not None and (gates.dim() != 2 or gates.shape[1] != self.num_experts):
-            raise ValueError(f"gates must be [batch, {self.num_experts}], got {tuple(gates.shape)}")
-        self._unmerge()
-        self.state.set(gates)
+    def forward(self, *args, gates: Optional[torch.Tensor] = None, **kwargs):
+        """The base model's forward with the experts mixed by `gates` ([batch, E]; None: experts off,
+        exactly the base model). Inside `merged(g)` a call with gates equal to g costs the base model's."""
+        with self.holding(gates):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, gates: Optional[torch.Tensor] = None, **kwargs):
+        """The base model's generate with `gates` held fixed for every generated token (the KV cache stays valid)."""
+        with self.holding(gates):
+            return self.base_model.generate(*args, **kwargs)
 
     @contextmanager
-    def gates(self, gates: Optional[torch.Tensor], merge: bool | str = False) -> Iterator[None]:
-        """Hold `gates` for every forward (and every generated token) inside the block.
+    def holding(self, gates: Optional[torch.Tensor]) -> Iterator[None]:
+        """The persona layers read `gates` inside the block. `forward` and `generate` do this for you;
+        call it directly only to run persona layers by hand.
 
-        merge=True folds the experts into the base weights for the block (one gate vector shared by
-        every row, no gradient, no active dropout: a ValueError says which is missing); the weights
-        are restored bit-exactly on exit. merge="auto" merges when those hold and runs unmerged
-        otherwise. Merged, a forward costs exactly the base model's, at any batch size: the target
-        paths hold the merged plain nn.Linear modules for the block (so the model's state_dict
-        inside the block is the base model's; the experts stay reachable via `persona_layers()`).
-        `merge_restore` chooses memory ("recompute", default) or merge speed ("copy").
+        Inside a `merged(g)` block, gates equal to g (on every row) use the merged weights; any other
+        gates (None included) take the experts out for the block and fold them back in after, so a
+        call's result never depends on what is merged.
         """
-        if merge not in (True, False, "auto"):
-            raise ValueError(f"merge must be True, False or 'auto', got {merge!r}")
-        previous, previous_merged = self.state.gates, self._merge_records is not None
-        self.set_gates(gates)
+        if gates is not None and (gates.dim() != 2 or gates.shape[1] != self.num_experts):
+            raise ValueError(f"gates must be [batch, {self.num_experts}], got {tuple(gates.shape)}")
+        row = self._merged_row
+        if row is not None:
+            if gates is not None and torch.equal(gates.detach(), row.to(gates.device, gates.dtype).expand_as(gates)):
+                yield
+                return
+            self._unmerge()
+            try:
+                with self.holding(gates):
+                    yield
+            finally:
+                self._merge(row)
+            return
+        self.state.set(gates)
         try:
-            if merge and not self.state.all_zero:  # all-zero gates: the base model already, nothing to merge
-                why_not = self.why_not_mergeable(gates)
-                if why_not is None:
-                    self._merge()
-                elif merge is True:
-                    raise ValueError(f"cannot merge the experts into the base weights: {why_not}")
             yield
         finally:
+            self.state.set(None)
+
+    @contextmanager
+    def merged(self, gates: torch.Tensor, strict: bool = True) -> Iterator[bool]:
+        """Fold one gate vector into the base weights for the block: a separate, explicit step that
+        only changes speed. Inside it, forward/generate with these gates cost exactly the base model's,
+        at any batch size (the target paths hold the merged plain nn.Linear modules, so the model's
+        state_dict inside the block is the base model's; the experts stay reachable via
+        `persona_layers()`). Leaving the block restores the base weights bit-exactly.
+
+        Merging needs one gate vector shared by every row, no gradient and no active dropout;
+        strict=True raises a ValueError saying which is missing, strict=False merges nothing then.
+        Yields whether the experts are merged. `merge_restore` chooses memory ("recompute",
+        default) or merge speed ("copy").
+        """
+        if gates is not None and (gates.dim() != 2 or gates.shape[1] != self.num_experts):
+            raise ValueError(f"gates must be [batch, {self.num_experts}], got {tuple(gates.shape)}")
+        all_zero = gates is None or not bool(gates.detach().ne(0).any())
+        why_not = None if all_zero else self.why_not_mergeable(gates)
+        if why_not is not None and strict:
+            raise ValueError(f"cannot merge the experts into the base weights: {why_not}")
+        if all_zero or why_not is not None:  # all-zero gates: the base model already, nothing to merge
+            yield False
+            return
+        previous = self._merged_row
+        self._unmerge()
+        self._merge(gates.detach()[0])
+        try:
+            yield True
+        finally:
             self._unmerge()
-            self.state.set(previous)
-            if previous_merged:  # an enclosing merged block (a nested gates() had to unmerge)
-                self._merge()
+            if previous is not None:  # an enclosing merged block
+                self._merge(previous)
 
     def why_not_mergeable(self, gates: Optional[torch.Tensor]) -> Optional[str]:
         """None when `gates` can be merged into the base weights exactly; otherwise the reason."""
-        if gates is None or self.state.all_zero:
+        if gates is None or not bool(gates.detach().ne(0).any()):
             return "no non-zero gates"
         if gates.shape[0] > 1 and not torch.equal(gates, gates[:1].expand_as(gates)):
             return "rows have different gates (merging needs one gate vector for the whole batch)"
@@ -424,11 +462,14 @@ class PersonaLoRAModel(nn.Module):
             return "the base weights are partitioned (DeepSpeed ZeRO-3)"
         return None
 
+    @property
+    def _merged_row(self) -> Optional[torch.Tensor]:
+        return None if self._merge_records is None else self._merge_row
+
     @torch.no_grad()
-    def _merge(self) -> None:
+    def _merge(self, row: torch.Tensor) -> None:
         if self.merge_restore not in ("recompute", "copy"):
             raise ValueError(f"merge_restore must be 'recompute' or 'copy', got {self.merge_restore!r}")
-        row = self.state.gates[0]
         layers = list(self.persona_layers())
         records: list = []
         workspace: dict = {}  # scratch buffers shared by all layers
@@ -439,7 +480,7 @@ class PersonaLoRAModel(nn.Module):
             for layer, record in zip(layers, records):
                 layer.unmerge_(row, record, workspace)
             raise
-        self._merge_records, self._merged_layers = records, layers
+        self._merge_records, self._merged_layers, self._merge_row = records, layers, row
         self._swap([layer.base for layer in layers])
         self.state.merged = True
 
@@ -447,20 +488,14 @@ class PersonaLoRAModel(nn.Module):
     def _unmerge(self) -> None:
         if self._merge_records is None:
             return
-        row = self.state.gates[0]
+        row = self._merge_row
         layers, records = self._merged_layers, self._merge_records
         self._swap(layers)
-        self._merge_records = self._merged_layers = None
+        self._merge_records = self._merged_layers = self._merge_row = None
         self.state.merged = False
         workspace: dict = {}
         for layer, record in zip(layers, records):
             layer.unmerge_(row, record, workspace)
-
-    def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
-
-    def generate(self, *args, **kwargs):
-        return self.base_model.generate(*args, **kwargs)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only the experts: what checkpoints and exports hold."""

@@ -16,19 +16,22 @@ from torch import nn
 
 from lightning_modules.components import persona_lora
 from lightning_modules.components.persona_lora import PersonaLoRAModel
-from lightning_modules.components.router import Router, build_encoder, load_router, normalise_gates, save_router
+from lightning_modules.components.router import Router, build_encoder, load_router, save_router
 
 GateFn = Callable[[Sequence[list[dict]]], Optional[torch.Tensor]]
 
 
 class ChatModel:
-    """Greedy chat generation and option log-likelihoods under per-conversation gates."""
+    """Greedy chat generation and option log-likelihoods under per-conversation gates.
+
+    `generate` and `option_logprobs` are the EvalModel protocol the benchmarks call; the `*_gated`
+    forms also return the gates used, one row per conversation (empty without a gate function).
+    """
 
     def __init__(self, model: nn.Module, tokenizer, gate_fn: Optional[GateFn] = None,
                  system_prompt: Optional[str] = None, batch_size: int = 8):
         self.model, self.tokenizer = model, tokenizer
         self.gate_fn, self.system_prompt, self.batch_size = gate_fn, system_prompt, batch_size
-        self.last_gates: list[list[float]] = []
 
     def _prompted(self, conversation: list[dict]) -> list[dict]:
         if not self.system_prompt:
@@ -38,31 +41,49 @@ class ChatModel:
             return [{"role": "system", "content": merged}] + list(conversation[1:])
         return [{"role": "system", "content": self.system_prompt}] + list(conversation)
 
-    def _gates(self, conversations: Sequence[list[dict]]) -> Optional[torch.Tensor]:
+    def route(self, conversations: Sequence[list[dict]]) -> Optional[torch.Tensor]:
         """Gates come from the user's conversation, before any persona prompt is added."""
-        gates = self.gate_fn(conversations) if self.gate_fn else None
-        if gates is not None:
-            self.last_gates.extend(gates.tolist())
-        return gates
+        return self.gate_fn(conversations) if self.gate_fn else None
 
     @torch.no_grad()
-    def generate(self, conversations: Sequence[list[dict]], max_new_tokens: int) -> list[str]:
+    def generate_gated(self, conversations: Sequence[list[dict]], max_new_tokens: int) -> tuple[list[str], list[list[float]]]:
         texts: list[str] = []
+        used: list[list[float]] = []
         for start in range(0, len(conversations), self.batch_size):
             chunk = conversations[start : start + self.batch_size]
-            texts += generate_with_gates(self.model, self.tokenizer, [self._prompted(c) for c in chunk],
-                                         self._gates(chunk), max_new_tokens)
-        return texts
+            gates = self.route(chunk)
+            texts += generate_with_gates(self.model, self.tokenizer, [self._prompted(c) for c in chunk], gates, max_new_tokens)
+            used += [] if gates is None else gates.tolist()
+        return texts, used
 
     @torch.no_grad()
-    def option_logprobs(self, conversations: Sequence[list[dict]], options: Sequence[Sequence[str]]) -> list[list[float]]:
+    def option_logprobs_gated(self, conversations: Sequence[list[dict]],
+                              options: Sequence[Sequence[str]]) -> tuple[list[list[float]], list[list[float]]]:
         out: list[list[float]] = []
+        used: list[list[float]] = []
         for start in range(0, len(conversations), self.batch_size):
             convs = conversations[start : start + self.batch_size]
-            gates = self._gates(convs)
+            gates = self.route(convs)
             out += _option_logprobs(self.model, self.tokenizer, [self._prompted(c) for c in convs],
                                     options[start : start + self.batch_size], gates)
-        return out
+            used += [] if gates is None else gates.tolist()
+        return out, used
+
+    def generate(self, conversations: Sequence[list[dict]], max_new_tokens: int) -> list[str]:
+        return self.generate_gated(conversations, max_new_tokens)[0]
+
+    def option_logprobs(self, conversations: Sequence[list[dict]], options: Sequence[Sequence[str]]) -> list[list[float]]:
+        return self.option_logprobs_gated(conversations, options)[0]
+
+
+def gate_kwargs(model: nn.Module, gates: Optional[torch.Tensor]) -> dict:
+    """What a forward/generate call passes for `gates`: the one place that asks whether a model has
+    persona experts (a plain transformers model is the base system and takes no gates)."""
+    if isinstance(model, PersonaLoRAModel):
+        return {"gates": gates}
+    if gates is not None:
+        raise ValueError(f"gates given for {type(model).__name__}, which has no persona experts")
+    return {}
 
 
 def generate_with_gates(model, tokenizer, conversations: Sequence[list[dict]], gates: Optional[torch.Tensor],
@@ -77,14 +98,12 @@ def generate_with_gates(model, tokenizer, conversations: Sequence[list[dict]], g
         tokenizer.padding_side = side
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    if isinstance(model, PersonaLoRAModel):
-        # One gate vector for the whole batch (batch 1, identical gates) and enough tokens to amortise
-        # it: fold the experts into the base weights, so each token costs what the base model costs.
-        merge = "auto" if max_new_tokens >= persona_lora.MERGE_PAYS_FROM_TOKENS else False
-        with torch.no_grad(), model.gates(None if gates is None else gates.to(device), merge=merge):
-            out = model.generate(**batch, **kwargs)
-    else:
+    gates = None if gates is None else gates.to(device)
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id, **gate_kwargs(model, gates))
+    # One gate vector for the whole batch (batch 1, identical gates) and enough tokens to amortise
+    # it: fold the experts into the base weights, so each token costs what the base model costs.
+    merge = isinstance(model, PersonaLoRAModel) and max_new_tokens >= persona_lora.MERGE_PAYS_FROM_TOKENS
+    with torch.no_grad(), model.merged(gates, strict=False) if merge else nullcontext():
         out = model.generate(**batch, **kwargs)
     new = out[:, batch["input_ids"].shape[1]:]
     return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
@@ -106,13 +125,8 @@ def _option_logprobs(model, tokenizer, conversations, options, gates) -> list[li
     return scores
 
 
-def _gated(model, gates: Optional[torch.Tensor]):
-    return model.gates(gates) if isinstance(model, PersonaLoRAModel) else nullcontext()
-
-
 def _score_options(model, prompt: torch.Tensor, option_ids: list[list[int]], gates, pad_id: int) -> list[float]:
-    with _gated(model, gates):
-        out = model(input_ids=prompt, use_cache=True)
+    out = model(input_ids=prompt, use_cache=True, **gate_kwargs(model, gates))
     first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
     scores = [float(first[ids[0]]) for ids in option_ids]
     rest = max(len(ids) for ids in option_ids) - 1
@@ -130,8 +144,8 @@ def _score_options(model, prompt: torch.Tensor, option_ids: list[list[int]], gat
     for j, opt in enumerate(option_ids):
         ids[j, : len(opt) - 1] = torch.tensor(opt[:-1])
         mask[j, length : length + len(opt) - 1] = 1
-    with _gated(model, None if gates is None else gates.expand(n, -1)):
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_key: cache}).logits
+    more = gate_kwargs(model, None if gates is None else gates.expand(n, -1))
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_key: cache}, **more).logits
     logp = torch.log_softmax(logits.float(), dim=-1)
     for j, opt in enumerate(option_ids):
         scores[j] += float(sum(logp[j, t - 1, opt[t]] for t in range(1, len(opt))))
@@ -139,19 +153,21 @@ def _score_options(model, prompt: torch.Tensor, option_ids: list[list[int]], gat
 
 
 class PersonaFuse(nn.Module):
-    """Experts + router + encoder; `route` computes gates once, `chat` generates under them."""
+    """Experts + router + encoder; `route` computes gates once, `generate` generates under them.
 
-    def __init__(self, persona_model: PersonaLoRAModel, tokenizer, router: Router, router_meta: dict,
+    meta: what the router was saved with beside its own settings (encoder, layer, expert names); the
+    gate settings belong to the router (see `load_router`)."""
+
+    def __init__(self, persona_model: PersonaLoRAModel, tokenizer, router: Router, meta: dict,
                  encoder: Optional[nn.Module] = None):
         super().__init__()
-        self.persona_model, self.tokenizer, self.router, self.meta = persona_model, tokenizer, router, router_meta
-        self.encoder = encoder or build_encoder(router_meta["encoder"], router_meta["layer"], persona_model, tokenizer)
+        self.persona_model, self.tokenizer, self.router, self.meta = persona_model, tokenizer, router, meta
+        self.encoder = encoder or build_encoder(meta["encoder"], meta["layer"], persona_model, tokenizer)
 
     @torch.no_grad()
     def route(self, conversations: Sequence[list[dict]]) -> torch.Tensor:
         pooled = self.encoder(conversations).to(next(self.router.parameters()).device)
-        logits = self.router(pooled)
-        return normalise_gates(logits, self.meta["gate"], self.meta.get("temperature", 1.0), self.meta.get("top_k", 3))
+        return self.router.gates(pooled)
 
     @torch.no_grad()
     def generate(self, conversations: Sequence[list[dict]], max_new_tokens: int = 128) -> tuple[list[str], torch.Tensor]:
@@ -163,8 +179,7 @@ class PersonaFuse(nn.Module):
         folder = Path(folder)
         for name in self.persona_model.expert_names:
             self.persona_model.export_peft(name, folder / "adapters" / name, base_model)
-        save_router(self.router, folder / "router", {k: v for k, v in self.meta.items()
-                                                     if k not in ("input_dim", "num_experts", "hidden")})
+        save_router(self.router, folder / "router", self.meta)
         write_manifest(folder, base_model, self.persona_model.expert_names, lora)
         return folder
 

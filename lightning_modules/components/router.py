@@ -6,7 +6,7 @@ trains the small MLP on cached embeddings.
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -15,12 +15,26 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class Router(nn.Module):
-    """A small MLP over a pooled context embedding, plus learnable expert embeddings (contrastive loss)."""
+@dataclass(frozen=True)
+class GateSettings:
+    """How a router turns logits into gates: a registered normalisation (components/registries.py)
+    and its temperature and top-k. No defaults here: they come from RouterConfig or a saved router."""
 
-    def __init__(self, input_dim: int, num_experts: int, hidden: int = 256, dropout: float = 0.1):
+    kind: str
+    temperature: float
+    top_k: int
+
+
+class Router(nn.Module):
+    """A small MLP over a pooled context embedding, plus learnable expert embeddings (contrastive loss).
+
+    It owns its gate settings (saved with it): `gates(pooled)` returns the gate vector, `forward`
+    the logits the losses need."""
+
+    def __init__(self, input_dim: int, num_experts: int, hidden: int = 256, dropout: float = 0.1,
+                 gate: Optional[GateSettings] = None):
         super().__init__()
-        self.input_dim, self.num_experts, self.hidden = input_dim, num_experts, hidden
+        self.input_dim, self.num_experts, self.hidden, self.gate = input_dim, num_experts, hidden, gate
         self.norm = nn.LayerNorm(input_dim)
         self.mlp = nn.Sequential(nn.Linear(input_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, num_experts))
         self.project = nn.Linear(input_dim, hidden)
@@ -29,11 +43,21 @@ class Router(nn.Module):
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.norm(pooled.float()))
 
+    def normalise(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits -> gates in [0, 1] by this router's gate settings."""
+        if self.gate is None:
+            raise ValueError("this router has no gate settings (build it with gate=GateSettings(...))")
+        return normalise_gates(logits, self.gate.kind, self.gate.temperature, self.gate.top_k)
+
+    def gates(self, pooled: torch.Tensor) -> torch.Tensor:
+        """[batch, E] gates for pooled context embeddings."""
+        return self.normalise(self(pooled))
+
     def context_projection(self, pooled: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.project(self.norm(pooled.float())), dim=-1)
 
 
-def normalise_gates(logits: torch.Tensor, kind: str = "sigmoid", temperature: float = 1.0, top_k: int = 3) -> torch.Tensor:
+def normalise_gates(logits: torch.Tensor, kind: str, temperature: float, top_k: int) -> torch.Tensor:
     """Router logits -> gates in [0, 1] by a registered gate normalisation (components/registries.py)."""
     from lightning_modules.components.registries import GATES
 
@@ -107,10 +131,7 @@ class BaseHiddenEncoder(nn.Module):
     def forward(self, conversations: Sequence[list[dict]]) -> torch.Tensor:
         texts = [conversation_text(self.tokenizer, c) for c in conversations]
         batch = _tokenize(self.tokenizer, texts, self.max_length, self._device(), special_tokens=False)
-        gate_holder = getattr(self.model, "gates", None)
-        experts_off = self.model.gates(None) if gate_holder is not None else nullcontext()
-        with experts_off:  # a PersonaLoRAModel reads the base model
-            hidden = hidden_state_at(self.model, self.layer, batch)
+        hidden = hidden_state_at(self.model, self.layer, batch)  # a PersonaLoRAModel without gates: the base model
         return _mean_pool(hidden, batch["attention_mask"])
 
     def _device(self) -> torch.device:
@@ -228,7 +249,8 @@ def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def save_router(router: Router, folder: Path, meta: dict) -> None:
-    """router.safetensors + router.json (dims, encoder, gate settings, expert names)."""
+    """router.safetensors + router.json: the router's dims and gate settings, plus `meta` (encoder,
+    layer, expert names, embedding dim)."""
     from safetensors.torch import save_file
 
     from datamodules.io import atomic_write_text
@@ -237,14 +259,23 @@ def save_router(router: Router, folder: Path, meta: dict) -> None:
     tmp = folder / "router.safetensors.tmp"
     save_file({k: v.detach().cpu().contiguous() for k, v in router.state_dict().items()}, str(tmp))
     tmp.replace(folder / "router.safetensors")
-    full = {"input_dim": router.input_dim, "num_experts": router.num_experts, "hidden": router.hidden, **meta}
+    if router.gate is None:
+        raise ValueError("a router is saved with its gate settings (build it with gate=GateSettings(...))")
+    full = {"input_dim": router.input_dim, "num_experts": router.num_experts, "hidden": router.hidden,
+            "gate": router.gate.kind, "temperature": router.gate.temperature, "top_k": router.gate.top_k, **meta}
     atomic_write_text(folder / "router.json", json.dumps(full, indent=2))
 
 
+ROUTER_KEYS = ("input_dim", "num_experts", "hidden", "gate", "temperature", "top_k")
+"""router.json keys the Router itself owns; the rest is the caller's meta."""
+
+
 def load_router(folder: Path) -> tuple[Router, dict]:
+    """(the router in eval mode with its gate settings, the rest of router.json: encoder, layer, ...)."""
     from safetensors.torch import load_file
 
-    meta = json.loads((Path(folder) / "router.json").read_text())
-    router = Router(meta["input_dim"], meta["num_experts"], meta["hidden"])
+    saved = json.loads((Path(folder) / "router.json").read_text())
+    gate = GateSettings(saved["gate"], saved["temperature"], saved["top_k"])
+    router = Router(saved["input_dim"], saved["num_experts"], saved["hidden"], gate=gate)
     router.load_state_dict(load_file(str(Path(folder) / "router.safetensors")))
-    return router.eval(), meta
+    return router.eval(), {k: v for k, v in saved.items() if k not in ROUTER_KEYS}

@@ -89,8 +89,7 @@ def worker(strategy_name: str, out_dir: Path) -> None:
     gates = F.one_hot(torch.tensor([0, 3]), len(EXPERTS)).to(next(model.persona_layers()).lora_A.dtype)
     losses = []
     for _ in range(2):
-        with model.gates(gates):
-            loss = engine(input_ids=ids, labels=ids).loss
+        loss = engine(input_ids=ids, labels=ids, gates=gates).loss
         engine.backward(loss)
         engine.step()
         losses.append(float(loss.detach()))

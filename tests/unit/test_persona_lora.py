@@ -32,8 +32,7 @@ def _logits(model, ids, gates=None):
     with torch.no_grad():
         if gates is None:
             return model(**ids).logits
-        with model.gates(gates):
-            return model(**ids).logits
+        return model(**ids, gates=gates).logits
 
 
 def test_zero_gates_equal_base(persona):
@@ -61,13 +60,12 @@ def test_mixed_gates_are_weighted_sum_of_deltas(persona):
     # The delta is linear in the gates at each layer only to first order; compare on one layer directly.
     layer = next(model.persona_layers())
     x = torch.randn(2, 5, layer.base.in_features)
-    model.set_gates(gates)
-    mixed = layer(x) - layer.base(x)
+    with model.holding(gates):
+        mixed = layer(x) - layer.base(x)
     expected = torch.zeros_like(mixed)
     for e in range(len(POLES)):
         delta_e = x @ layer.lora_A[e].t() @ layer.lora_B[e].t() * layer.scaling
         expected += gates[:, e, None, None] * delta_e
-    model.set_gates(None)
     torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(_logits(model, ids, gates), base_out)
 
@@ -76,7 +74,7 @@ def test_gathered_one_hot_path_equals_fused_path(persona):
     model, _, ids = persona
     onehot = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.5]])
     gathered = _logits(model, ids, onehot)
-    assert model.state.onehot_index is None  # context restored
+    assert model.state.onehot_index is None and model.state.gates is None  # held for the call only
     nearly = onehot.clone()
     nearly[0, 0] = 1e-30  # two non-zeros per row forces the fused path; the tiny gate changes nothing visible
     torch.testing.assert_close(gathered, _logits(model, ids, nearly), atol=1e-5, rtol=1e-4)
@@ -106,8 +104,8 @@ def test_bf16_forward_runs(tiny_model):
     model = PersonaLoRAModel(base.to(torch.bfloat16), POLES, r=4, alpha=8, dropout=0.0)
     _randomise(model)
     ids = tok(["hi"], return_tensors="pt")
-    with torch.no_grad(), model.gates(torch.tensor([[0.5, 0.5, 0.0, 0.0]])):
-        out = model(**ids).logits
+    with torch.no_grad():
+        out = model(**ids, gates=torch.tensor([[0.5, 0.5, 0.0, 0.0]])).logits
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
 
 
@@ -128,14 +126,14 @@ def test_merged_gates_match_unmerged_and_restore_base_bit_exactly(persona, gates
         ids = {k: v[: gates.shape[0]] for k, v in ids.items()}
     before = _base_weights(model)
     unmerged = _logits(model, ids, gates)
-    with torch.no_grad(), model.gates(gates, merge=True):
+    with torch.no_grad(), model.merged(gates):
         assert model.state.merged
         # the target paths hold the merged plain linears: a forward is exactly the base model's
         assert not any(isinstance(m, PersonaLoRALinear) for m in model.base_model.modules())
         # restored by subtraction plus the few elements whose sum rounded (kept aside), not by a copy
         assert sum(record.copied for record in model._merge_records) == 0
         assert sum(record.kept for record in model._merge_records) > 0
-        merged = model(**ids).logits
+        merged = model(**ids, gates=gates).logits
         assert any(not torch.equal(before[n], layer.base.weight) for n, layer in zip(model.layer_names, model.persona_layers()))
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-4)
     assert not model.state.merged and model.state.gates is None
@@ -154,9 +152,9 @@ def test_merge_restores_exactly_when_deltas_swamp_the_weights(persona):
     gates = torch.tensor([[0.9, 0.1, 0.0, 0.3]])
     one = {k: v[:1] for k, v in ids.items()}
     unmerged = _logits(model, one, gates)
-    with torch.no_grad(), model.gates(gates, merge=True):
+    with torch.no_grad(), model.merged(gates):
         assert sum(record.copied for record in model._merge_records) > 0
-        merged = model(**one).logits
+        merged = model(**one, gates=gates).logits
     torch.testing.assert_close(merged, unmerged, atol=1e-3, rtol=1e-3)
     for name, layer in zip(model.layer_names, model.persona_layers()):
         assert torch.equal(layer.base.weight, before[name]), name
@@ -168,25 +166,29 @@ def test_merged_generation_equals_unmerged_generation(persona):
     one = {k: v[:1] for k, v in ids.items()}
     gates = torch.tensor([[0.8, 0.0, 0.4, 1.0]])
     kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
-    with torch.no_grad(), model.gates(gates):
-        plain = model.generate(**one, **kwargs)
-    with torch.no_grad(), model.gates(gates, merge=True):
-        merged = model.generate(**one, **kwargs)
+    with torch.no_grad():
+        plain = model.generate(**one, **kwargs, gates=gates)
+    with torch.no_grad(), model.merged(gates):
+        merged = model.generate(**one, **kwargs, gates=gates)
     assert torch.equal(plain, merged)
 
 
-def test_nested_gates_inside_a_merged_block_see_the_base_model(persona):
-    """The router reads the base model with gates(None) — inside a merged block it must not see merged weights."""
+def test_other_gates_inside_a_merged_block_do_not_see_the_merged_weights(persona):
+    """The router reads the base model (no gates); inside a merged block a call's result still
+    depends only on its own gates: the experts come out for it and go back in after."""
     model, reference, ids = persona
     model.eval()
     before = _base_weights(model)
     gates = torch.tensor([[0.2, 0.6, 0.0, 0.4]] * 2)
-    with torch.no_grad(), model.gates(gates, merge=True):
-        with model.gates(None):
-            assert not model.state.merged
-            torch.testing.assert_close(model(**ids).logits, reference(**ids).logits)
-        assert model.state.merged  # merged again for the rest of the outer block
-        merged = model(**ids).logits
+    other = torch.tensor([[0.0, 0.0, 1.0, 0.0]] * 2)
+    with torch.no_grad():
+        expected_other = _logits(model, ids, other)
+    with torch.no_grad(), model.merged(gates):
+        torch.testing.assert_close(model(**ids).logits, reference(**ids).logits)
+        assert model.state.merged  # merged again for the rest of the block
+        torch.testing.assert_close(model(**ids, gates=other).logits, expected_other)
+        assert model.state.merged
+        merged = model(**ids, gates=gates).logits
     torch.testing.assert_close(merged, _logits(model, ids, gates), atol=1e-5, rtol=1e-4)
     assert all(torch.equal(layer.base.weight, before[n]) for n, layer in zip(model.layer_names, model.persona_layers()))
 
@@ -195,13 +197,13 @@ def test_merge_refuses_what_it_cannot_do_exactly_and_auto_falls_back(persona):
     model, _, ids = persona
     model.eval()
     different = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
-    with pytest.raises(ValueError, match="different gates"), torch.no_grad(), model.gates(different, merge=True):
+    with pytest.raises(ValueError, match="different gates"), torch.no_grad(), model.merged(different):
         pass
-    with pytest.raises(ValueError, match="gradients"), model.gates(different[:1], merge=True):
+    with pytest.raises(ValueError, match="gradients"), model.merged(different[:1]):
         pass
-    with torch.no_grad(), model.gates(different, merge="auto"):
-        assert not model.state.merged
-        torch.testing.assert_close(model(**ids).logits, _logits(model, ids, different))
+    with torch.no_grad(), model.merged(different, strict=False) as done:
+        assert not done and not model.state.merged
+        torch.testing.assert_close(model(**ids, gates=different).logits, _logits(model, ids, different))
     assert model.state.gates is None and model._merge_records is None
 
 
@@ -210,15 +212,14 @@ def test_decode_sized_fused_path_equals_the_long_input_path(persona):
     model, _, _ = persona
     layer = next(model.persona_layers())
     gates = torch.tensor([[0.3, 0.0, 0.7, 0.2], [0.0, 1.0, 0.5, 0.1]])
-    model.set_gates(gates)
     short = torch.randn(2, 1, layer.base.in_features)
     long = torch.randn(2, 200, layer.base.in_features)
     for x in (short, long):
         expected = layer.base(x)
         for e in range(len(POLES)):
             expected = expected + gates[:, e, None, None] * (x @ layer.lora_A[e].t() @ layer.lora_B[e].t()) * layer.scaling
-        torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-4)
-    model.set_gates(None)
+        with model.holding(gates):
+            torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_adapter_with_missing_tensor_or_other_base_is_refused(persona, tmp_path):
@@ -249,7 +250,7 @@ def test_generate_with_gates_merges_when_the_batch_shares_one_gate_vector(person
     shared = torch.tensor([[0.9, 0.0, 0.3, 0.6]] * 2)
     merges = []
     original = PersonaLoRAModel._merge
-    monkeypatch.setattr(PersonaLoRAModel, "_merge", lambda self: (merges.append(1), original(self))[1])
+    monkeypatch.setattr(PersonaLoRAModel, "_merge", lambda self, row: (merges.append(1), original(self, row))[1])
     monkeypatch.setattr(persona_lora, "MERGE_PAYS_FROM_TOKENS", 4)
     merged = generate_with_gates(model, tok, convs, shared, max_new_tokens=6)
     assert len(merges) == 1
@@ -272,12 +273,12 @@ def test_merge_in_many_row_blocks_restores_bit_exactly(persona, monkeypatch):
     before = _base_weights(model)
     gates = torch.tensor([[0.3, 0.0, 0.7, 0.2]] * 2)
     unmerged = _logits(model, ids, gates)
-    with torch.no_grad(), model.gates(gates, merge=True):
+    with torch.no_grad(), model.merged(gates):
         assert len(model._merge_records[0].blocks) > 1
         assert model._merge_records[0].copied > 0 and model._merge_records[0].kept > 0
         # every way of restoring a block is exercised: copy, 1-byte ulp differences, kept values
         assert {blk[2] for rec in model._merge_records for blk in rec.blocks} == {"copy", "ulp8", "sparse"}
-        merged = model(**ids).logits
+        merged = model(**ids, gates=gates).logits
     torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=1e-4)
     for name, layer in zip(model.layer_names, model.persona_layers()):
         assert torch.equal(layer.base.weight, before[name]), name
@@ -291,8 +292,8 @@ def test_bf16_merge_restores_bit_exactly(tiny_model):
     ids = tok(["Hello there, how are you?"], return_tensors="pt")
     gates = torch.tensor([[0.3, 0.0, 0.7, 0.2]], dtype=torch.bfloat16)
     unmerged = _logits(model, ids, gates).float()
-    with torch.no_grad(), model.gates(gates, merge=True):
-        merged = model(**ids).logits.float()
+    with torch.no_grad(), model.merged(gates):
+        merged = model(**ids, gates=gates).logits.float()
     torch.testing.assert_close(merged, unmerged, atol=0.1, rtol=0.05)  # bf16: one rounding of W + ΔW vs of each product
     assert all(torch.equal(layer.base.weight, before[n]) for n, layer in zip(model.layer_names, model.persona_layers()))
 
@@ -304,9 +305,8 @@ def test_fused_path_gradients_reach_gates_and_experts(persona, tokens):
     layer = next(model.persona_layers())
     gates = torch.tensor([[0.3, 0.0, 0.7, 0.2], [0.0, 1.0, 0.5, 0.1]], requires_grad=True)
     x = torch.randn(2, tokens, layer.base.in_features)
-    model.set_gates(gates)
-    layer(x).square().sum().backward()
-    model.set_gates(None)
+    with model.holding(gates):
+        layer(x).square().sum().backward()
     got = (gates.grad.clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone())
     gates.grad = layer.lora_A.grad = layer.lora_B.grad = None
     expected = layer.base(x)
@@ -324,9 +324,9 @@ def test_copy_restore_merges_the_same_and_restores_bit_exactly(persona):
     before = _base_weights(model)
     gates = torch.tensor([[0.3, 0.0, 0.7, 0.2]] * 2)
     unmerged = _logits(model, ids, gates)
-    with torch.no_grad(), model.gates(gates, merge=True):
+    with torch.no_grad(), model.merged(gates):
         assert all(record.kept == 0 and record.copied > 0 for record in model._merge_records)
-        merged = model(**ids).logits
+        merged = model(**ids, gates=gates).logits
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-4)
     assert all(torch.equal(layer.base.weight, before[n]) for n, layer in zip(model.layer_names, model.persona_layers()))
 
@@ -342,11 +342,10 @@ def test_merge_under_inference_mode_with_experts_loaded_there(tiny_model):
         _randomise(model)
         model.eval()
         before = _base_weights(model)
-        with model.gates(gates.expand(2, -1)):
-            unmerged = model(**ids).logits
-        with model.gates(gates, merge=True):
+        unmerged = model(**ids, gates=gates.expand(2, -1)).logits
+        with model.merged(gates):
             assert model.state.merged
-            merged = model(**ids).logits
+            merged = model(**ids, gates=gates.expand(2, -1)).logits
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-4)
     for name, layer in zip(model.layer_names, model.persona_layers()):
         assert torch.equal(layer.base.weight, before[name]), name

@@ -6,7 +6,7 @@ import torch
 
 from lightning_modules.components.persona_lora import PersonaLoRAModel
 from lightning_modules.components.personafuse import PersonaFuse, generate_with_gates
-from lightning_modules.components.router import Router, normalise_gates
+from lightning_modules.components.router import GateSettings, Router, normalise_gates
 
 POLES = ["a_high", "a_low", "b_high", "b_low"]
 CONVS = [[{"role": "user", "content": "My dog died this morning."}],
@@ -19,8 +19,8 @@ def _fuse(tiny_model) -> PersonaFuse:
     model = PersonaLoRAModel(base, POLES, r=4, alpha=8, dropout=0.0)
     for layer in model.persona_layers():
         layer.lora_B.data.normal_(0, 0.2)
-    router = Router(base.config.hidden_size, len(POLES), hidden=16, dropout=0.0).eval()
-    meta = {"encoder": "base_hidden", "layer": -1, "gate": "sigmoid", "temperature": 1.0, "top_k": 2, "expert_names": POLES}
+    router = Router(base.config.hidden_size, len(POLES), hidden=16, dropout=0.0, gate=GateSettings("sigmoid", 1.0, 2)).eval()
+    meta = {"encoder": "base_hidden", "layer": -1, "expert_names": POLES}
     return PersonaFuse(model, tok, router, meta)
 
 
@@ -28,9 +28,9 @@ def _reference_greedy(model, tok, conv, gates, steps):
     """No cache, no batching: the full forward pass over the whole sequence at every step."""
     text = tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
     ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    with torch.no_grad(), model.gates(gates[None]):
+    with torch.no_grad():
         for _ in range(steps):
-            nxt = model(input_ids=ids, use_cache=False).logits[0, -1].argmax()
+            nxt = model(input_ids=ids, use_cache=False, gates=gates[None]).logits[0, -1].argmax()
             ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
             if nxt.item() == tok.eos_token_id:
                 break
@@ -67,10 +67,12 @@ def test_save_and_load_give_identical_gates_and_outputs(tiny_model, tmp_path):
 
 def test_gate_normalisations():
     logits = torch.tensor([[2.0, 0.0, -1.0, 1.0]])
-    assert torch.allclose(normalise_gates(logits, "softmax").sum(), torch.tensor(1.0))
-    top = normalise_gates(logits, "topk", top_k=2)
+    assert torch.allclose(normalise_gates(logits, "softmax", 1.0, 3).sum(), torch.tensor(1.0))
+    top = normalise_gates(logits, "topk", 1.0, top_k=2)
     assert (top > 0).sum() == 2 and torch.allclose(top.sum(), torch.tensor(1.0))
-    assert torch.equal(normalise_gates(logits, "sigmoid"), torch.sigmoid(logits))
+    assert torch.equal(normalise_gates(logits, "sigmoid", 1.0, 3), torch.sigmoid(logits))
+    with pytest.raises(ValueError, match="did you mean 'softmax'"):
+        normalise_gates(logits, "softmx", 1.0, 3)
 
 
 def _naive_option_logprob(model, tok, conv, option, gates):
@@ -79,8 +81,8 @@ def _naive_option_logprob(model, tok, conv, option, gates):
     p = tok(text, add_special_tokens=False)["input_ids"]
     o = tok(option, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([p + o])
-    with torch.no_grad(), model.gates(gates):
-        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids, gates=gates).logits[0].float(), dim=-1)
     return float(sum(logp[len(p) + t - 1, o[t]] for t in range(len(o))))
 
 

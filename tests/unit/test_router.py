@@ -63,5 +63,21 @@ def test_hidden_state_at_equals_full_forward_hidden_states(tiny_model, layer):
         want = model(**batch, output_hidden_states=True).hidden_states[layer]
         torch.testing.assert_close(hidden_state_at(model, layer, batch), want)
         persona = PersonaLoRAModel(model, ["a", "b"], r=2).eval()
-        with persona.gates(None):
-            torch.testing.assert_close(hidden_state_at(persona, layer, batch), want)
+        torch.testing.assert_close(hidden_state_at(persona, layer, batch), want)  # no gates: the base model
+
+
+def test_router_owns_its_gate_settings_and_saves_them(tmp_path):
+    """The router returns gates by the settings it was built (and saved) with; router.json keeps them."""
+    from lightning_modules.components.router import GateSettings, load_router, normalise_gates, save_router
+
+    torch.manual_seed(0)
+    router = Router(8, 4, hidden=16, dropout=0.0, gate=GateSettings("topk", 0.5, 2)).eval()
+    pooled = torch.randn(3, 8)
+    gates = router.gates(pooled)
+    assert torch.equal(gates, normalise_gates(router(pooled), "topk", 0.5, 2)) and ((gates > 0).sum(dim=1) == 2).all()
+    save_router(router, tmp_path / "r", {"encoder": "base_hidden", "layer": -1})
+    loaded, meta = load_router(tmp_path / "r")
+    assert loaded.gate == router.gate and meta == {"encoder": "base_hidden", "layer": -1}
+    assert torch.equal(loaded.gates(pooled), gates)
+    with pytest.raises(ValueError, match="no gate settings"):
+        Router(8, 4).gates(pooled)
