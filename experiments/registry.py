@@ -75,6 +75,7 @@ ENCODERS.add("minilm", "minilm", "the bundled all-MiniLM-L6-v2 sentence encoder"
 
 TEACHERS.add("local", "local", "a transformers model through Lightning's predict loop")
 TEACHERS.add("openai", "openai", "any OpenAI-compatible chat-completions endpoint")
+TEACHERS.add("curated", "curated", "replays the curated Persona-CoT corpus (datagen only; generates nothing)")
 
 LAUNCHERS.add("local", "experiments.sweep.launchers:LocalLauncher", "sweep trials as subprocesses on this machine (parallel: N at once)")
 LAUNCHERS.add("slurm", "experiments.sweep.launchers:SlurmLauncher", "one SLURM job per sweep trial (or a job array) through submitit")
