@@ -278,6 +278,12 @@ class EvaluateConfig:
     """System prompt of the direct-prompting systems (ours)."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     """Downstream tasks judged by a model."""
+    bootstrap_samples: int = 1000
+    """Resamples behind every metric's 95% interval and each system's paired difference from `baseline` (0: none)."""
+    bootstrap_seed: int = 0
+    """Seed of the bootstrap resampling (the same seed gives the same intervals)."""
+    baseline: str = "base"
+    """System every other system is compared with, item by item, in vs_baseline.md (when it is evaluated)."""
 
 
 @dataclass
