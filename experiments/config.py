@@ -94,7 +94,7 @@ class DataConfig:
 @dataclass
 class TeacherConfig:
     kind: str = "local"
-    """Registered teacher id: local (a transformers model) or openai (any OpenAI-compatible endpoint)."""
+    """Registered teacher id: local (a transformers model), openai (any OpenAI-compatible endpoint) or curated (replays the curated corpus; datagen only)."""
     model: Optional[str] = None
     """Local: model name_or_path (None: the experiment's base model). OpenAI: the served model name."""
     base_url: Optional[str] = None
@@ -115,6 +115,10 @@ class TeacherConfig:
     """Token budget per generated answer."""
     batch_size: int = 8
     """Local teacher: prompts per generate call; datagen: also situations per predict batch (its seed and resume unit)."""
+    replies: str = "datamodules/data/persona_replies.jsonl"
+    """Curated teacher: the recorded Persona-CoT corpus it replays (relative paths are from the project root)."""
+    on_missing: str = "fail"
+    """Curated teacher: a situation with no record fails, naming it (fail), or is skipped and counted (skip)."""
 
 
 @dataclass
@@ -269,6 +273,12 @@ class EvaluateConfig:
     """System prompt of the direct-prompting systems (ours)."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     """Downstream tasks judged by a model."""
+    bootstrap_samples: int = 1000
+    """Resamples behind every metric's 95% interval and each system's paired difference from `baseline` (0: none)."""
+    bootstrap_seed: int = 0
+    """Seed of the bootstrap resampling (the same seed gives the same intervals)."""
+    baseline: str = "base"
+    """System every other system is compared with, item by item, in vs_baseline.md (when it is evaluated)."""
 
 
 @dataclass
@@ -338,6 +348,7 @@ def _resolve_paths(cfg: ExperimentConfig) -> None:
     cfg.personas.file = str(project_path(cfg.personas.file))
     cfg.data.situations = str(project_path(cfg.data.situations))
     cfg.datagen.prompt_file = str(project_path(cfg.datagen.prompt_file))
+    cfg.datagen.teacher.replies = str(project_path(cfg.datagen.teacher.replies))
     cfg.evaluate.benchmark_files = [str(project_path(p)) for p in cfg.evaluate.benchmark_files]
     for section in (cfg.adapter_sft, cfg.joint):
         if section.data not in DATA_SOURCE_WORDS:
@@ -407,8 +418,28 @@ def _check_registered(cfg: ExperimentConfig, source: str) -> None:
     if cfg.adapter_sft.export not in EXPORT_CHOICES:
         raise ConfigError(f"{source}: key 'adapter_sft.export': must be one of {list(EXPORT_CHOICES)}, "
                           f"got {cfg.adapter_sft.export!r}")
+    _check_curated_teacher(cfg, source)
     if not cfg.router.encoder.startswith("hf:") and cfg.router.encoder not in registry.ENCODERS:
         raise ConfigError(f"{source}: key 'router.encoder': {registry.ENCODERS.unknown_message(cfg.router.encoder)}")
+
+
+def _check_curated_teacher(cfg: ExperimentConfig, source: str) -> None:
+    """The curated teacher only replays datagen records: it cannot judge, and test replies stay held out."""
+    if cfg.evaluate.judge.teacher.kind == "curated":
+        raise ConfigError(f"{source}: key 'evaluate.judge.teacher.kind': the curated teacher replays recorded "
+                          "replies and cannot judge; use local or openai")
+    teacher = cfg.datagen.teacher
+    if teacher.kind != "curated":
+        return
+    if teacher.on_missing not in ("fail", "skip"):
+        raise ConfigError(f"{source}: key 'datagen.teacher.on_missing': must be 'fail' or 'skip', got {teacher.on_missing!r}")
+    if cfg.datagen.split in ("test", "all"):
+        raise ConfigError(f"{source}: key 'datagen.split': '{cfg.datagen.split}' would train on the curated replies "
+                          "of held-out test situations; use train or val with datagen.teacher.kind=curated")
+    if cfg.datagen.judge:
+        raise ConfigError(f"{source}: key 'datagen.judge': the curated teacher cannot judge its own replies; set it false")
+    if "datagen" in cfg.stages and not Path(teacher.replies).is_file():
+        raise ConfigError(f"{source}: key 'datagen.teacher.replies': file not found: {teacher.replies}")
 
 
 # --------------------------------------------------------------------------- saving

@@ -23,6 +23,7 @@ import lightning as L
 import torch
 
 from datamodules.io import ConfigError, DataError, atomic_write_text, config_hash, read_json, to_container, write_jsonl
+from datamodules.persona_replies import training_records
 from datamodules.personas import PersonaSet, load_personas
 from datamodules.situations import (
     Situation,
@@ -34,6 +35,7 @@ from datamodules.situations import (
     write_dataset_card,
 )
 from lightning_modules.components.persona_cot import REASONS, PersonaCoT, PromptSet, error_reason
+from lightning_modules.components.curated_teacher import CuratedPersonaCoT, CuratedTeacher
 from lightning_modules.components.teachers import build_teacher, derive_seed, teacher_id
 
 if TYPE_CHECKING:  # annotations only: stages get typed config sections, never import experiments/
@@ -125,13 +127,17 @@ def run(ctx) -> dict:
     splits = split_situations(corpus, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
     selected = select_items(_split_items(splits, cfg.datagen.split), cfg.datagen.limit, cfg.datagen.seed)
     prompts = PromptSet.load(cfg.datagen.prompt_file, cfg.datagen.prompts)
-    chash = datagen_hash(cfg, personas_path, corpus_path, prompts)
+    curated, no_record = None, []
+    if cfg.datagen.teacher.kind == "curated":  # data, not a model: read before hashing, to know what it covers
+        curated = build_teacher(cfg.datagen.teacher, cfg.model).bind(personas, {s.id for s in corpus})
+        selected, no_record = _covered(selected, curated, split_of(splits), cfg.datagen.teacher.on_missing)
+    chash = datagen_hash(cfg, personas_path, corpus_path, prompts, curated)
     items_dir = ctx.stage_dir / "items"
     data = SituationsDataModule(selected, cfg.datagen.teacher.batch_size)
     data.only = pending_batches(data, items_dir, chash)
     stats = {"tokens": 0, "written": 0, "seconds": 0.0}
     if data.only:
-        module = DatagenModule(_cot(cfg, personas, prompts), items_dir, chash, split_of(splits), cfg.datagen.seed)
+        module = DatagenModule(_cot(cfg, personas, prompts, curated), items_dir, chash, split_of(splits), cfg.datagen.seed)
         trainer = _trainer(cfg)
         started = time.time()
         trainer.predict(module, datamodule=data, return_predictions=False)
@@ -143,7 +149,21 @@ def run(ctx) -> dict:
     missing = [s.id for s, r in zip(data.items, records) if r is None]
     if missing:
         raise RuntimeError(f"datagen finished without items for {', '.join(missing[:5])} (in {items_dir})")
+    stats["skipped_no_record"] = len(no_record)
     return _write_outputs(ctx, records, splits, personas, chash, stats)
+
+
+def _covered(selected: list[Situation], teacher: CuratedTeacher, splits: dict[str, str], on_missing: str):
+    """(situations the curated teacher has records for, ids it has none for); a missing one fails unless skipped."""
+    training_records(teacher.replies, splits, [s.id for s in selected])  # refuses held-out test situations
+    missing = [s.id for s in selected if s.id not in teacher.replies]
+    if missing and on_missing != "skip":
+        raise ConfigError(
+            f"key 'datagen.teacher.replies': {teacher.name} has no record for situation '{missing[0]}'"
+            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
+            "set datagen.teacher.on_missing=skip to skip and count them"
+        )
+    return [s for s in selected if s.id in teacher.replies], missing
 
 
 def _split_items(splits: dict[str, list[Situation]], name: str) -> list[Situation]:
@@ -158,7 +178,7 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def datagen_hash(cfg: ExperimentConfig, personas_path: Path, corpus_path: Path, prompts: PromptSet) -> str:
+def datagen_hash(cfg: ExperimentConfig, personas_path: Path, corpus_path: Path, prompts: PromptSet, curated=None) -> str:
     """What the generated records depend on: datagen settings, prompt texts, teacher model, inputs' bytes."""
     datagen = to_container(cfg.datagen)
     for key in _TRANSPORT_KEYS:
@@ -169,14 +189,16 @@ def datagen_hash(cfg: ExperimentConfig, personas_path: Path, corpus_path: Path, 
         "schema_version": SCHEMA_VERSION, "datagen": datagen,
         "data": {k: getattr(cfg.data, k) for k in ("val_fraction", "test_fraction", "split_seed", "on_bad_line")},
         "personas": _file_digest(personas_path), "corpus": _file_digest(corpus_path),
-        "teacher": teacher_id(cfg.datagen.teacher, cfg.model),
+        "teacher": curated.id if curated else teacher_id(cfg.datagen.teacher, cfg.model),
     }
     if cfg.datagen.teacher.kind == "local":
         payload["model"] = {"dtype": cfg.model.dtype, "revision": cfg.model.revision if not cfg.datagen.teacher.model else None}
     return config_hash(payload)
 
 
-def _cot(cfg: ExperimentConfig, personas: PersonaSet, prompts: PromptSet) -> PersonaCoT:
+def _cot(cfg: ExperimentConfig, personas: PersonaSet, prompts: PromptSet, curated: Optional[CuratedTeacher] = None):
+    if curated is not None:
+        return CuratedPersonaCoT(curated, personas, cfg.datagen)
     return PersonaCoT(build_teacher(cfg.datagen.teacher, cfg.model), personas, prompts, cfg.datagen)
 
 
@@ -240,6 +262,7 @@ def summarise(records: list[dict], stats: dict) -> dict:
         "teacher_label_mae": _label_mae(records),
         "rejected": rejected,
         "tokens_generated": sum(r["tokens_generated"] for r in records),
+        "skipped_no_record": stats.get("skipped_no_record", 0),
         "this_run": {"items_written": stats["written"], "tokens": stats["tokens"], "seconds": round(stats["seconds"], 3),
                      "tokens_per_s": stats["tokens"] / stats["seconds"] if stats["seconds"] else None},
     }
@@ -272,7 +295,8 @@ def _log(ctx, summary: dict, paths: list[Path]) -> None:
     metrics = {f"datagen/{k}": summary[k] for k in ("items", "acceptance_rate", "pole_acceptance_rate",
                "fused_acceptance_rate", "analysis_parse_rate", "tokens_generated")}
     metrics.update({f"datagen/rejected/{k}": v for k, v in summary["rejected"].items()})
-    metrics.update({"datagen/sft_rows": summary["rows"]["sft"], "datagen/joint_rows": summary["rows"]["joint"]})
+    metrics.update({"datagen/sft_rows": summary["rows"]["sft"], "datagen/joint_rows": summary["rows"]["joint"],
+                    "datagen/skipped_no_record": summary["skipped_no_record"]})
     if summary["teacher_label_mae"] is not None:
         metrics["datagen/teacher_label_mae"] = summary["teacher_label_mae"]
     if summary["this_run"]["tokens_per_s"] is not None:
@@ -296,9 +320,18 @@ def _write_card(path: Path, cfg: ExperimentConfig, summary: dict, personas: Pers
                     "corpus": f"{cfg.data.situations}, split '{cfg.datagen.split}', limit {cfg.datagen.limit}",
                     "prompts": cfg.datagen.prompt_file + (" + overrides" if cfg.datagen.prompts else ""),
                     "schema version": str(SCHEMA_VERSION), "config hash": summary["config_hash"],
-                    "dataset hash (sha256 of persona_data.jsonl)": summary["dataset_hash"]},
+                    "dataset hash (sha256 of persona_data.jsonl)": summary["dataset_hash"],
+                    **_curated_provenance(cfg, summary)},
         notes={"Quality filters": _CARD_FILTERS, "Intended use and limits": _CARD_LIMITS},
     )
+
+
+def _curated_provenance(cfg: ExperimentConfig, summary: dict) -> dict:
+    if cfg.datagen.teacher.kind != "curated":
+        return {}
+    return {"curated corpus": f"{cfg.datagen.teacher.replies}, replayed (nothing generated); how it was written and "
+                              "checked: datamodules/data/persona_replies_card.md",
+            "situations without a record (skipped)": str(summary["skipped_no_record"])}
 
 
 _CARD_PURPOSE = """Training data for the PersonaFuse persona experts and router, written by a teacher LLM with

@@ -23,7 +23,7 @@ from datamodules.personas import BIG_FIVE, load_personas
 from lightning_modules.evaluate_systems import SYSTEMS, SystemSpec
 from lightning_modules.common import load_experts
 from lightning_modules.components.personafuse import ChatModel
-from lightning_modules.evaluate_report import log_comparison
+from lightning_modules.evaluate_report import add_intervals, baseline_rows, log_comparison
 
 HEADLINE_METRICS = (
     "eq_bench/score", "eq_bench/parsed", "emobench_eu/accuracy", "emobench_ea/accuracy",
@@ -210,8 +210,10 @@ def run(ctx) -> dict:
         downstream = judge_downstream(ctx, factory, ecfg.systems)
     for system, metrics in downstream.items():
         by_system.setdefault(system, {"metrics": {}, "records": {}, "gates": []})["metrics"].update(metrics)
+    add_intervals(by_system, benchmarks, ecfg.bootstrap_samples, ecfg.bootstrap_seed)
+    vs_baseline = baseline_rows(by_system, benchmarks, ecfg.baseline, ecfg.bootstrap_samples, ecfg.bootstrap_seed, HEADLINE_METRICS)
     run_ids = _log_systems(ctx, by_system)
-    table = log_comparison(ctx, {s: v["metrics"] for s, v in by_system.items()}, HEADLINE_METRICS)
+    table = log_comparison(ctx, {s: v["metrics"] for s, v in by_system.items()}, HEADLINE_METRICS, vs_baseline)
     return {"systems": run_ids, "table": str(table)}
 
 

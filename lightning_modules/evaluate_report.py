@@ -13,41 +13,92 @@ from typing import Sequence
 from rich.console import Console
 from rich.table import Table
 
+from datamodules.benchmarks.stats import bootstrap_intervals, is_interval_key, paired_difference
 from datamodules.io import atomic_write_bytes, atomic_write_text
 from datamodules.personas import BIG_FIVE
 
 TRAITS = BIG_FIVE
 
 
-def comparison_rows(metrics: dict[str, dict[str, float]], headline: Sequence[str]) -> tuple[list[str], list[list]]:
-    """Headline keys first (those present), then every other key any system reported."""
-    present = {k for m in metrics.values() for k in m}
+def comparison_rows(
+    metrics: dict[str, dict[str, float]], headline: Sequence[str], intervals: bool = False
+) -> tuple[list[str], list[list]]:
+    """Headline keys first (those present), then every other key any system reported; interval keys
+    (`<metric>_ci_low/_ci_high`) only with `intervals` (the CSV has them, the tables show them inline)."""
+    present = {k for m in metrics.values() for k in m if intervals or not is_interval_key(k)}
     keys = [k for k in headline if k in present] + sorted(present - set(headline))
     rows = [[system] + [metrics[system].get(k) for k in keys] for system in metrics]
     return keys, rows
 
 
-def log_comparison(ctx, metrics: dict[str, dict[str, float]], headline: Sequence[str]) -> Path:
+def add_intervals(by_system: dict[str, dict], benchmarks: dict, samples: int, seed: int) -> None:
+    """Give every benchmark metric of every system its 95% bootstrap interval, from its item records."""
+    for entry in by_system.values():
+        for name, records in entry["records"].items():
+            if name in benchmarks and records:
+                entry["metrics"].update(bootstrap_intervals(benchmarks[name].aggregate, records, samples, seed))
+
+
+VS_BASELINE_HEADER = ["system", "metric", "difference", "95% interval", "interval excludes 0"]
+
+
+def baseline_rows(by_system: dict[str, dict], benchmarks: dict, baseline: str, samples: int, seed: int,
+                  headline: Sequence[str]) -> list[list]:
+    """Each system minus the baseline on the same items (paired bootstrap), headline metrics first.
+
+    A difference whose interval includes 0 is not a result at this sample size: the table says so."""
+    if baseline not in by_system or samples < 1:
+        return []
+    rows = []
+    for system, entry in by_system.items():
+        if system == baseline:
+            continue
+        for name, records in entry["records"].items():
+            base = by_system[baseline]["records"].get(name)
+            if name not in benchmarks or not records or not base or len(base) != len(records):
+                continue
+            diffs = paired_difference(benchmarks[name].aggregate, records, base, samples, seed)
+            order = sorted(diffs, key=lambda k: (k not in headline, k))
+            for key in order:
+                d = diffs[key]
+                if key in headline or key.count("/") == 1:
+                    rows.append([system, key, d["diff"], f"[{_fmt(d['ci_low'])}, {_fmt(d['ci_high'])}]",
+                                 "yes" if d["excludes_zero"] else "no"])
+    return rows
+
+
+def log_comparison(ctx, metrics: dict[str, dict[str, float]], headline: Sequence[str],
+                   vs_baseline: Sequence[list] = ()) -> Path:
     import mlflow
 
+    all_keys, all_rows = comparison_rows(metrics, headline, intervals=True)
     keys, rows = comparison_rows(metrics, headline)
     folder = ctx.stage_dir
-    atomic_write_text(folder / "comparison.csv", _csv(["system"] + keys, rows))
+    atomic_write_text(folder / "comparison.csv", _csv(["system"] + all_keys, all_rows))
     md = folder / "comparison.md"
-    atomic_write_text(md, _markdown(["system"] + keys, rows))
+    atomic_write_text(md, _markdown(["system"] + keys, _with_intervals(keys, rows, metrics)))
     client = mlflow.MlflowClient(ctx.tracking_uri)
-    client.log_table(ctx.run_id, {"system": [r[0] for r in rows], **{k: [r[i + 1] for r in rows] for i, k in enumerate(keys)}},
+    client.log_table(ctx.run_id, {"system": [r[0] for r in all_rows], **{k: [r[i + 1] for r in all_rows] for i, k in enumerate(all_keys)}},
                      artifact_file="comparison_table.json")
+    vs_md = None
+    if vs_baseline:
+        vs_md = folder / "vs_baseline.md"
+        atomic_write_text(vs_md, _markdown(VS_BASELINE_HEADER, vs_baseline))
     shifts = trait_shift_rows(metrics)
     shift_md = None
     if shifts:
         shift_md = folder / "trait_check.md"
         atomic_write_text(shift_md, _markdown(TRAIT_SHIFT_HEADER, shifts))
-    for path in (folder / "comparison.csv", md, shift_md, plot_benchmarks(metrics, keys, folder / "benchmarks_by_system.png"),
+    for path in (folder / "comparison.csv", md, shift_md, vs_md, plot_benchmarks(metrics, keys, folder / "benchmarks_by_system.png"),
                  plot_big_five(metrics, folder / "big_five_by_system.png")):
         if path is not None:
             ctx.log_artifact(path)
-    _print(["system"] + [k for k in keys if k in headline], [[r[0]] + [r[i + 1] for i, k in enumerate(keys) if k in headline] for r in rows])
+    shown = [k for k in keys if k in headline]
+    _print(["system"] + shown, [[r[0]] + [r[i + 1] for i, k in enumerate(keys) if k in headline] for r in rows])
+    if vs_baseline:
+        header, pivot = _pivot_differences(vs_baseline, shown)
+        _print(header, pivot, title="Each system minus the baseline on the same items; * = its 95% paired bootstrap "
+                                    "interval excludes 0 (intervals: comparison.md, vs_baseline.md)")
     if shifts:
         _print(TRAIT_SHIFT_HEADER, shifts, title="Trait check: expert_<trait>_high − expert_<trait>_low on MPI-120")
     return md
@@ -70,6 +121,28 @@ def trait_shift_rows(metrics: dict[str, dict[str, float]]) -> list[list]:
                      None if None in adjusted else adjusted[0] - adjusted[1],
                      high.get("mpi/acquiescence"), low.get("mpi/acquiescence")])
     return rows
+
+
+def _pivot_differences(rows: Sequence[list], keys: Sequence[str]) -> tuple[list[str], list[list]]:
+    """The long vs-baseline rows as one row per system, one "diff [low, high]" cell per metric."""
+    cells: dict[str, dict[str, str]] = {}
+    for system, key, diff, interval, excludes in rows:
+        cells.setdefault(system, {})[key] = "—" if math.isnan(diff) else f"{diff:+.3f}{' *' if excludes == 'yes' else ''}"
+    shown = [k for k in keys if any(k in c for c in cells.values())]
+    return ["system", *shown], [[system, *(c.get(k, "—") for k in shown)] for system, c in cells.items()]
+
+
+def _with_intervals(keys: Sequence[str], rows: list[list], metrics: dict[str, dict[str, float]]) -> list[list]:
+    """Cells as "value [low, high]" where the system has the metric's interval."""
+    out = []
+    for row in rows:
+        m = metrics[row[0]]
+        cells = [row[0]]
+        for key, value in zip(keys, row[1:]):
+            low, high = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
+            cells.append(value if low is None or high is None or value is None else f"{_fmt(value)} [{_fmt(low)}, {_fmt(high)}]")
+        out.append(cells)
+    return out
 
 
 def _fmt(value) -> str:
@@ -128,13 +201,25 @@ def plot_benchmarks(metrics: dict[str, dict[str, float]], keys: Sequence[str], p
     colors = plt.cm.tab10.colors
     for ax, key in zip(axes.flat, shown):
         values = [metrics[s].get(key) or 0.0 for s in systems]
-        ax.bar(range(len(systems)), values, color=[colors[i % 10] for i in range(len(systems))])
+        ax.bar(range(len(systems)), values, color=[colors[i % 10] for i in range(len(systems))],
+               yerr=_error_bars(metrics, systems, key, values), capsize=3, ecolor="0.3")
         ax.set_title(key, fontsize=9)
         ax.set_xticks(range(len(systems)), systems, rotation=45, ha="right", fontsize=7)
     for ax in list(axes.flat)[len(shown):]:
         ax.axis("off")
     atomic_write_bytes(path, _figure_bytes(fig))
     return path
+
+
+def _error_bars(metrics: dict[str, dict[str, float]], systems: list[str], key: str, values: list[float]):
+    """matplotlib yerr (2 x n distances below / above) from the 95% intervals; 0 where a system has none."""
+    lows, highs = [], []
+    for system, value in zip(systems, values):
+        low, high = metrics[system].get(f"{key}_ci_low"), metrics[system].get(f"{key}_ci_high")
+        ok = low is not None and high is not None and math.isfinite(low) and math.isfinite(high)
+        lows.append(max(0.0, value - low) if ok else 0.0)
+        highs.append(max(0.0, high - value) if ok else 0.0)
+    return [lows, highs]
 
 
 def plot_big_five(metrics: dict[str, dict[str, float]], path: Path) -> Path | None:
@@ -156,7 +241,10 @@ def plot_big_five(metrics: dict[str, dict[str, float]], path: Path) -> Path | No
     colors = (plt.cm.tab10 if len(systems) <= 10 else plt.cm.tab20).colors  # one colour per system
     for i, system in enumerate(systems):
         values = [metrics[system].get(f"mpi/{t}{suffix}", 0.0) for t in TRAITS]
-        ax.bar([j + i * width for j in range(len(TRAITS))], values, width, label=system, color=colors[i % len(colors)])
+        bars = [_error_bars(metrics, [system], f"mpi/{t}{suffix}", [v]) for t, v in zip(TRAITS, values)]
+        yerr = [[b[0][0] for b in bars], [b[1][0] for b in bars]]
+        ax.bar([j + i * width for j in range(len(TRAITS))], values, width, label=system, color=colors[i % len(colors)],
+               yerr=yerr, capsize=2, ecolor="0.3", error_kw={"elinewidth": 0.8})
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(TRAITS))], TRAITS)
     ax.set_ylim(1, 5)
     ax.set_ylabel("MPI-120 expected score (1–5)" if suffix else "MPI-120 score (1–5)")

@@ -165,7 +165,7 @@ class PersonaCoT:
         if self.cfg.judge:
             self._judge(situations, drafts, seed)
         for draft in drafts:
-            _finish(draft)
+            finish_draft(draft)
         return drafts
 
     def _retrying(self, step: str, convs: list[Conversation], read, drafts, owners, seed, max_tokens, temperature):
@@ -257,7 +257,7 @@ def error_reason(error: str) -> str:
     return error.split(":", 1)[0]
 
 
-def _finish(draft: dict) -> None:
+def finish_draft(draft: dict) -> None:
     """Accepted = no flag; the item's flags are every reason found in it."""
     flags: set[str] = set()
     if draft["teacher_label_error"]:

@@ -19,6 +19,8 @@ TEACHERS.add("local", "lightning_modules.components.teachers:build_local_teacher
              "a transformers model through Lightning's predict loop")
 TEACHERS.add("openai", "lightning_modules.components.teachers:build_openai_teacher",
              "any OpenAI-compatible chat-completions endpoint")
+TEACHERS.add("curated", "lightning_modules.components.curated_teacher:build_curated_teacher",
+             "replays the curated Persona-CoT corpus (datagen only; generates nothing)")
 
 # gates(logits, temperature, top_k) -> gates in [0, 1]
 GATES.add("sigmoid", "lightning_modules.components.router:sigmoid_gates", "independent sigmoid per pole")

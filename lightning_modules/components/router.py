@@ -192,7 +192,11 @@ class SentenceEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, conversations: Sequence[list[dict]]) -> torch.Tensor:
-        texts = ["\n".join(f"{m['role']}: {m['content']}" for m in c) for c in conversations]
+        return self.encode_texts(["\n".join(f"{m['role']}: {m['content']}" for m in c) for c in conversations])
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """Unit-length mean-pooled embeddings of plain texts (e.g. replies for the pole classifier)."""
         batch = _tokenize(self.tokenizer, texts, self.max_length, next(self.model.parameters()).device, special_tokens=True)
         hidden = self.model(**batch).last_hidden_state
         return F.normalize(_mean_pool(hidden, batch["attention_mask"]), dim=-1)

@@ -43,10 +43,17 @@ def test_run_hierarchy_and_metric_keys(smoke_run):
     assert len({frozenset(run.data.metrics) for run in systems.values()}) == 1
     eval_artifacts = {a.path for a in client.list_artifacts(eval_id)}
     assert {"comparison.csv", "comparison.md", "benchmarks_by_system.png", "big_five_by_system.png",
-            "comparison_table.json"} <= eval_artifacts
+            "comparison_table.json", "vs_baseline.md"} <= eval_artifacts
+    for run in systems.values():  # every metric carries its 95% interval, around the point value
+        m = run.data.metrics
+        assert m["mmlu/accuracy_ci_low"] <= m["mmlu/accuracy"] <= m["mmlu/accuracy_ci_high"]
+        assert m["mpi/openness_ci_low"] <= m["mpi/openness"] <= m["mpi/openness_ci_high"]
+    table = (Path(cfg.output_dir) / "evaluate" / "vs_baseline.md").read_text()
+    assert "| personafuse | mmlu/accuracy |" in table and "excludes 0" in table
 
 
 def test_records_rescore_to_logged_metrics(smoke_run):
+    from datamodules.benchmarks.stats import bootstrap_intervals
     from lightning_modules.evaluate import build_benchmarks
 
     cfg, uri, results, tmp = smoke_run
@@ -57,6 +64,9 @@ def test_records_rescore_to_logged_metrics(smoke_run):
         for name, bench in benchmarks.items():
             records = [json.loads(line) for line in (Path(cfg.output_dir) / "evaluate" / "records" / system / f"{name}.jsonl").open()]
             for key, value in bench.score_records(records).items():
+                assert logged[key] == pytest.approx(value, nan_ok=True), (system, key)
+            ci = bootstrap_intervals(bench.aggregate, records, cfg.evaluate.bootstrap_samples, cfg.evaluate.bootstrap_seed)
+            for key, value in ci.items():
                 assert logged[key] == pytest.approx(value, nan_ok=True), (system, key)
 
 

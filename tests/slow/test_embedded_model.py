@@ -50,7 +50,8 @@ def test_datagen_on_embedded_teacher(tmp_path):
     from experiments.pipeline import run_pipeline
 
     cfg = load_config(ROOT / "experiments/quickstart.yaml", [
-        "stages=[datagen]", "datagen.limit=2", "datagen.teacher.max_new_tokens=24", "datagen.analysis_max_new_tokens=32",
+        "stages=[datagen]", "datagen.teacher.kind=local", "datagen.parse_retries=0", "datagen.teacher.batch_size=16",
+        "datagen.limit=2", "datagen.teacher.max_new_tokens=24", "datagen.analysis_max_new_tokens=32",
         f"output_dir={tmp_path / 'out'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'db'}"])
     summary = run_pipeline(cfg)["datagen"]["summary"]
     assert summary["items"] == 2 and summary["responses"] == 22
