@@ -123,10 +123,10 @@ def probe(personas, split: dict[str, str], replies: dict) -> dict[str, float]:
     traits = [p.trait for p in personas.poles]
     clf, encoder, scores = train_pole_classifier(replies, split, personas.ids, traits)
     print(f"\n## Separability (MiniLM linear probe; train {scores['train_replies']:.0f} replies, val {scores['val_replies']:.0f})")
-    print(f"C chosen by 5-fold CV on train: {scores['C']:g}")
+    print(f"C chosen by 5-fold CV on train (folds grouped by situation): {scores['C']:g}")
     print(f"val ten-way accuracy: {scores['val_accuracy']:.3f}; "
           f"val high-vs-low accuracy (mean over traits): {scores['val_trait_accuracy']:.3f}")
-    val_x, val_y = split_replies(replies, split, personas.ids, "val")
+    val_x, val_y, _ = split_replies(replies, split, personas.ids, "val")
     with torch.no_grad():
         predicted = clf(embed_replies(encoder, val_x)).argmax(-1).tolist()
     print("| pole | val recall | most often mistaken for |\n|---|---|---|")
