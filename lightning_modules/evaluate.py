@@ -29,6 +29,7 @@ HEADLINE_METRICS = (
     "eq_bench/score", "eq_bench/parsed", "emobench_eu/accuracy", "emobench_ea/accuracy",
     *(f"mpi/{trait}" for trait in BIG_FIVE),
     "gsm8k/accuracy", "mmlu/accuracy", "xstest/safe_refusal_rate", "xstest/unsafe_compliance_rate",
+    "persona_expression/alignment", "persona_expression/own_pole_rate", "persona_expression/pole_preference",
 )
 
 
@@ -88,8 +89,9 @@ class EvaluateModule(L.LightningModule):
         return self._system
 
 
-def build_benchmarks(ecfg) -> dict:
-    """Benchmark id -> configured instance; ids are built-ins or YAML benchmarks."""
+def build_benchmarks(ecfg, cfg=None) -> dict:
+    """Benchmark id -> configured instance; ids are built-ins or YAML benchmarks. `cfg` (the whole
+    experiment config) is needed by persona_expression, which reads the corpus it was built from."""
     from datamodules.benchmarks import BENCHMARKS, load_yaml_benchmarks
 
     yaml_benchmarks = {}
@@ -106,6 +108,12 @@ def build_benchmarks(ecfg) -> dict:
         else:
             known = sorted(set(BENCHMARKS) | set(yaml_benchmarks))
             raise KeyError(f"evaluate.benchmarks: unknown benchmark '{name}' (known: {', '.join(known)})")
+    if "persona_expression" in out:
+        from lightning_modules.evaluate_persona import bind_persona_expression
+
+        if cfg is None:
+            raise ValueError("persona_expression needs the experiment config: build_benchmarks(ecfg, cfg)")
+        bind_persona_expression(out["persona_expression"], cfg)
     return out
 
 
@@ -189,7 +197,7 @@ def run(ctx) -> dict:
     ecfg = ctx.cfg.evaluate
     factory = SystemFactory(ctx)
     factory.check(ecfg.systems)
-    benchmarks = build_benchmarks(ecfg)
+    benchmarks = build_benchmarks(ecfg, ctx.cfg)
     jobs = [EvalJob(s, b) for s in ecfg.systems for b in benchmarks]
     module = EvaluateModule(factory, benchmarks, ctx.stage_dir / "jobs", ecfg.batch_size)
     trainer, sharded = _trainer(ctx.cfg.trainer)
@@ -211,6 +219,11 @@ def run(ctx) -> dict:
     for system, metrics in downstream.items():
         by_system.setdefault(system, {"metrics": {}, "records": {}, "gates": []})["metrics"].update(metrics)
     add_intervals(by_system, benchmarks, ecfg.bootstrap_samples, ecfg.bootstrap_seed)
+    if "persona_expression" in benchmarks:
+        from lightning_modules.evaluate_persona import add_persona_expression_metrics
+
+        add_persona_expression_metrics(by_system, benchmarks["persona_expression"], ecfg.baseline,
+                                       ecfg.bootstrap_samples, ecfg.bootstrap_seed)
     vs_baseline = baseline_rows(by_system, benchmarks, ecfg.baseline, ecfg.bootstrap_samples, ecfg.bootstrap_seed, HEADLINE_METRICS)
     run_ids = _log_systems(ctx, by_system)
     table = log_comparison(ctx, {s: v["metrics"] for s, v in by_system.items()}, HEADLINE_METRICS, vs_baseline)

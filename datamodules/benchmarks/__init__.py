@@ -16,6 +16,7 @@ from .eq_bench import EQBench
 from .gsm8k import GSM8K
 from .mmlu import MMLU
 from .mpi import MPI
+from .persona_expression import PersonaExpression
 from .xstest import XSTest
 from .yaml_benchmark import YamlBenchmark, YamlSpecError
 from .yaml_benchmark import load_yaml_benchmarks as _load_yaml
@@ -29,6 +30,8 @@ BENCHMARKS.add("mpi", MPI, "MPI-120 Big Five questionnaire")
 BENCHMARKS.add("gsm8k", GSM8K, "GSM8K grade-school maths")
 BENCHMARKS.add("mmlu", MMLU, "MMLU multiple choice")
 BENCHMARKS.add("xstest", XSTest, "XSTest exaggerated safety")
+BENCHMARKS.add("persona_expression", PersonaExpression,
+               "built-in: do replies to held-out curated situations express the poles their labels call for?")
 
 
 def load_yaml_benchmarks(folder_or_files: str | Path | Iterable[str | Path], data_root=None,
@@ -39,5 +42,5 @@ def load_yaml_benchmarks(folder_or_files: str | Path | Iterable[str | Path], dat
 
 __all__ = [
     "BENCHMARKS", "Benchmark", "BenchmarkDataError", "EQBench", "EmoBenchEA", "EmoBenchEU", "GSM8K",
-    "MMLU", "MPI", "XSTest", "YamlBenchmark", "YamlSpecError", "load_yaml_benchmarks", "resolve_data_root",
+    "MMLU", "MPI", "PersonaExpression", "XSTest", "YamlBenchmark", "YamlSpecError", "load_yaml_benchmarks", "resolve_data_root",
 ]

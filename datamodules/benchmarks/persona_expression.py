@@ -20,9 +20,11 @@ import math
 from typing import Callable, Optional, Sequence
 
 from .base import Benchmark, checked_generate, checked_option_logprobs, mean
+from .stats import bootstrap_intervals
 
 Classifier = Callable[[list[str]], list[list[float]]]
 PREFIX = "persona_expression"
+CLASSIFIER_METRICS = ("val_accuracy", "val_trait_accuracy")
 MIN_LABEL_GAP = 0.3  # the two poles' labels must differ by this much for a trait to count in pole_preference
 
 
@@ -32,14 +34,21 @@ class PersonaExpression(Benchmark):
     name = PREFIX
 
     def __init__(self, data_root=None, limit: Optional[int] = None, seed: int = 0, max_new_tokens: int = 96,
-                 items: Sequence[dict] = (), poles: Sequence[str] = (), classifier: Optional[Classifier] = None,
-                 classifier_scores: Optional[dict[str, float]] = None):
+                 replies: Optional[str] = None, items: Sequence[dict] = (), poles: Sequence[str] = (),
+                 classifier: Optional[Classifier] = None):
+        """`replies`: the curated corpus file (None: the evaluate stage uses datagen.teacher.replies).
+        Items, pole ids and the classifier come from the evaluate stage (`bind`), which can read the
+        corpus and build the model-side classifier; a classifier may carry its val `scores`."""
         super().__init__(data_root, limit, seed)
         self.max_new_tokens = max_new_tokens
+        self.replies = replies
+        self.bind(items, poles, classifier)
+
+    def bind(self, items: Sequence[dict], poles: Sequence[str], classifier: Optional[Classifier]) -> None:
         self.items = [dict(i) for i in items]
         self.poles = list(poles)
         self.classifier = classifier
-        self.classifier_scores = dict(classifier_scores or {})
+        self._all_items = None
 
     def read_items(self) -> list[dict]:
         """Held-out situations: {item_id, prompt (the conversation), label (pole order), references (pole order)}."""
@@ -53,12 +62,13 @@ class PersonaExpression(Benchmark):
         convs = [item["prompt"] for item in batch]
         replies = checked_generate(model, convs, self.max_new_tokens)
         probs = self.classifier(replies)
+        scores = dict(getattr(self.classifier, "scores", None) or {})
         ref_ll = checked_option_logprobs(model, convs, [item["references"] for item in batch])
         return [
             {"item_id": item["item_id"], "prompt": item["prompt"], "output": reply, "label": item["label"],
              "pole_probs": [float(p) for p in row], "reference_logprobs": ll,
              "reference_words": [max(1, len(r.split())) for r in item["references"]],
-             "classifier": self.classifier_scores}
+             "classifier": scores}
             for item, reply, row, ll in zip(batch, replies, probs, ref_ll)
         ]
 
@@ -75,8 +85,9 @@ class PersonaExpression(Benchmark):
         metrics = {f"{PREFIX}/alignment": mean(aligned) if aligned else math.nan}
         for i, pole in enumerate(poles):
             metrics[f"{PREFIX}/pole_rate/{pole}"] = mean(r["predicted_pole"] == i for r in records)
-        for key, value in (records[0].get("classifier") or {}).items():
-            metrics[f"{PREFIX}/classifier_{key}"] = float(value)
+        for key in CLASSIFIER_METRICS:
+            value = (records[0].get("classifier") or {}).get(key)
+            metrics[f"{PREFIX}/classifier_{key}"] = math.nan if value is None else float(value)
         return metrics
 
 
@@ -133,3 +144,35 @@ def preference_outcomes(records: list[dict], base_records: list[dict], pairs: Se
                 favoured, other = (high, low) if gap > 0 else (low, high)
                 outcomes.append(float(g[favoured] > g[other]))
     return outcomes
+
+
+def preference_metric(outcomes: list[float], samples: int, seed: int) -> dict[str, float]:
+    """`pole_preference` (share of comparisons won) with its bootstrap interval; NaN with no comparison."""
+    key = f"{PREFIX}/pole_preference"
+    if not outcomes:
+        return {key: math.nan, f"{key}_ci_low": math.nan, f"{key}_ci_high": math.nan, f"{PREFIX}/pole_comparisons": 0.0}
+    rows = [{"won": o} for o in outcomes]
+    share = lambda rs: {key: mean(r["won"] for r in rs)}  # noqa: E731
+    return {**share(rows), **bootstrap_intervals(share, rows, samples, seed), f"{PREFIX}/pole_comparisons": float(len(rows))}
+
+
+def cross_system_metrics(records: dict[str, list[dict]], own_pole: dict[str, Optional[int]], baseline: str,
+                         pairs: Sequence[tuple[int, int]], samples: int, seed: int) -> dict[str, dict[str, float]]:
+    """Metrics that need two systems or the system's identity: per system `pole_preference` (against the
+    baseline's likelihoods) and, for an expert alone, `own_pole_rate` (its own pole's rate, with interval).
+
+    `records`: system -> its persona_expression records; `own_pole`: system -> the index of the one
+    expert it switches on (None for every other system)."""
+    out: dict[str, dict[str, float]] = {}
+    base = records.get(baseline)
+    for system, recs in records.items():
+        m: dict[str, float] = {}
+        pole = own_pole.get(system)
+        if base is not None and system != baseline:
+            m.update(preference_metric(preference_outcomes(recs, base, pairs, pole), samples, seed))
+        if pole is not None:
+            hit = [{"own": float(r["predicted_pole"] == pole)} for r in recs]
+            rate = lambda rs: {f"{PREFIX}/own_pole_rate": mean(r["own"] for r in rs)}  # noqa: E731
+            m.update({**rate(hit), **bootstrap_intervals(rate, hit, samples, seed)})
+        out[system] = m
+    return out

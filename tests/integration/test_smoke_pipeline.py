@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,10 @@ def test_run_hierarchy_and_metric_keys(smoke_run):
         m = run.data.metrics
         assert m["mmlu/accuracy_ci_low"] <= m["mmlu/accuracy"] <= m["mmlu/accuracy_ci_high"]
         assert m["mpi/openness_ci_low"] <= m["mpi/openness"] <= m["mpi/openness_ci_high"]
+    pe = systems["expert_agreeableness_high"].data.metrics  # persona_expression: the classifier, and the expert's own pole
+    assert 0.0 <= pe["persona_expression/own_pole_rate"] <= 1.0 and pe["persona_expression/pole_comparisons"] == 2
+    assert pe["persona_expression/classifier_val_accuracy"] > 0.3  # the MiniLM probe on curated val replies
+    assert math.isnan(systems["personafuse"].data.metrics["persona_expression/own_pole_rate"])
     table = (Path(cfg.output_dir) / "evaluate" / "vs_baseline.md").read_text()
     assert "| personafuse | mmlu/accuracy |" in table and "excludes 0" in table
 
@@ -57,7 +62,7 @@ def test_records_rescore_to_logged_metrics(smoke_run):
     from lightning_modules.evaluate import build_benchmarks
 
     cfg, uri, results, tmp = smoke_run
-    benchmarks = build_benchmarks(cfg.evaluate)
+    benchmarks = build_benchmarks(cfg.evaluate, cfg)
     client = _client(uri)
     for system, run_id in results["evaluate"]["systems"].items():
         logged = client.get_run(run_id).data.metrics

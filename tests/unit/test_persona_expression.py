@@ -36,9 +36,12 @@ def classify(texts):
     return [[1.0 if pole in t else 0.0 for pole in POLES] for t in texts]
 
 
+classify.scores = {"val_accuracy": 0.8, "val_trait_accuracy": 0.9}
+
+
 def bench(**kw):
     return PersonaExpression(items=items(), poles=POLES, classifier=classify,
-                             classifier_scores={"val_accuracy": 0.8, "val_trait_accuracy": 0.9}, **kw)
+                             **kw)
 
 
 def test_alignment_and_pole_rates_follow_the_classified_replies():
@@ -65,3 +68,16 @@ def test_constant_vectors_have_no_correlation_and_a_missing_classifier_fails():
     assert pearson([0.5, 0.5], [0.1, 0.9]) is None
     with pytest.raises(RuntimeError, match="pole classifier"):
         PersonaExpression(items=items(), poles=POLES).evaluate(Scripted({"one": "x", "two": "x"}), 2)
+
+
+def test_cross_system_metrics_give_own_pole_rate_and_preference_with_intervals():
+    from datamodules.benchmarks.persona_expression import cross_system_metrics
+
+    base = bench().evaluate(Scripted({"one": "x", "two": "x"}), 2)[1]
+    expert = bench().evaluate(Scripted({"one": "I am a_high", "two": "I am a_high"}, likes=0, boost=3.0), 2)[1]
+    out = cross_system_metrics({"base": base, "expert_a_high": expert}, {"base": None, "expert_a_high": 0}, "base",
+                               PAIRS, samples=200, seed=0)
+    m = out["expert_a_high"]
+    assert m["persona_expression/own_pole_rate"] == 1.0 and m["persona_expression/pole_preference"] == 1.0
+    assert m["persona_expression/pole_preference_ci_low"] == 1.0 and m["persona_expression/pole_comparisons"] == 2
+    assert out["base"] == {}  # the baseline is not compared with itself
