@@ -180,6 +180,23 @@ def iter_jsonl(path: str | Path, on_bad_line: str = "fail") -> Iterator[tuple[in
         console.print(f"[yellow]warning[/]: skipped {skipped} malformed line(s) in {path}")
 
 
+def parse_jsonl(path: str | Path, parse: Callable[[dict, str, int], Any], on_bad_line: str = "fail",
+                what: str = "record") -> list:
+    """Every line of a JSONL file through `parse(record, "file:line", line)`. A DataError it raises
+    fails the read, or with on_bad_line="skip" drops that line with one counted warning."""
+    out, skipped = [], 0
+    for lineno, record in iter_jsonl(path, on_bad_line):
+        try:
+            out.append(parse(record, f"{path}:{lineno}", lineno))
+        except DataError:
+            if on_bad_line != "skip":
+                raise
+            skipped += 1
+    if skipped:
+        console.print(f"[yellow]warning[/]: skipped {skipped} invalid {what}(s) in {path}")
+    return out
+
+
 def read_jsonl(path: str | Path, on_bad_line: str = "fail") -> list[dict]:
     return [record for _, record in iter_jsonl(path, on_bad_line)]
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from datamodules.io import DataError, iter_jsonl
+from datamodules.io import DataError, parse_jsonl
 from datamodules.personas import PersonaSet
 
 SCHEMA_VERSION = 1
@@ -40,27 +40,18 @@ def load_persona_replies(
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: curated persona replies not found")
-    out: dict[str, CuratedReplies] = {}
-    skipped = 0
-    for line_no, record in iter_jsonl(path, on_bad_line):
-        where = f"{path}:{line_no}"
-        try:
-            item = parse_replies(record, personas, where)
-            if item.situation_id in out:
-                raise DataError(f"{where}: situation '{item.situation_id}' appears twice")
-            if known_ids is not None and item.situation_id not in known_ids:
-                raise DataError(f"{where}: situation '{item.situation_id}' is not in the situations corpus")
-        except DataError:
-            if on_bad_line != "skip":
-                raise
-            skipped += 1
-            continue
-        out[item.situation_id] = item
-    if skipped:
-        from datamodules.io import console
+    seen: set[str] = set()
 
-        console.print(f"[yellow]{path}: skipped {skipped} invalid record(s) (data.on_bad_line=skip)[/]")
-    return out
+    def parse(record: dict, where: str, lineno: int) -> CuratedReplies:
+        item = parse_replies(record, personas, where)
+        if item.situation_id in seen:
+            raise DataError(f"{where}: situation '{item.situation_id}' appears twice")
+        if known_ids is not None and item.situation_id not in known_ids:
+            raise DataError(f"{where}: situation '{item.situation_id}' is not in the situations corpus")
+        seen.add(item.situation_id)
+        return item
+
+    return {item.situation_id: item for item in parse_jsonl(path, parse, on_bad_line, "curated record")}
 
 
 def parse_replies(record: dict, personas: PersonaSet, where: str) -> CuratedReplies:

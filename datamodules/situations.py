@@ -19,7 +19,7 @@ from typing import Any, Iterator, Optional, Sequence
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.io import DataError, atomic_write_text, console, iter_jsonl
+from datamodules.io import DataError, atomic_write_text, parse_jsonl
 from datamodules.personas import PersonaSet
 
 SPLITS = ("train", "val", "test")
@@ -56,25 +56,16 @@ def load_situations(path: str | Path, personas: PersonaSet, on_bad_line: str = "
     """
     if on_bad_line not in ("fail", "skip"):
         raise DataError(f"data.on_bad_line must be 'fail' or 'skip', got '{on_bad_line}'")
-    items: list[Situation] = []
     first_line: dict[str, int] = {}
-    skipped = 0
-    for lineno, record in iter_jsonl(path, on_bad_line):
-        where = f"{path}:{lineno}"
-        try:
-            item = parse_situation(record, personas, where)
-            if item.id in first_line:
-                raise DataError(f"{where}: key 'id': duplicate id '{item.id}' (first at line {first_line[item.id]})")
-        except DataError:
-            if on_bad_line == "fail":
-                raise
-            skipped += 1
-            continue
+
+    def parse(record: dict, where: str, lineno: int) -> Situation:
+        item = parse_situation(record, personas, where)
+        if item.id in first_line:
+            raise DataError(f"{where}: key 'id': duplicate id '{item.id}' (first at line {first_line[item.id]})")
         first_line[item.id] = lineno
-        items.append(item)
-    if skipped:
-        console.print(f"[yellow]warning[/]: skipped {skipped} invalid situation(s) in {path}")
-    return items
+        return item
+
+    return parse_jsonl(path, parse, on_bad_line, "situation")
 
 
 def parse_situation(record: dict, personas: PersonaSet, where: str) -> Situation:
