@@ -7,7 +7,9 @@
    run shared with a benchmark file under the benchmark data root or with the persona YAML's examples;
 3. separability: the pole classifier (a linear probe on frozen all-MiniLM-L6-v2 embeddings, C chosen
    by 5-fold cross-validation on the training replies) trained on train-split replies and scored on
-   val-split replies: ten-way accuracy, high-vs-low accuracy per trait, the most confused pole.
+   val-split replies: ten-way accuracy, high-vs-low accuracy per trait, the most confused pole; and
+   the same probe on embeddings taken relative to each situation's centroid (persona_expression's
+   instrument).
 The test split's replies are counted and content-checked but never used by the probe.
 
     .venv/bin/python benchmarks/persona_corpus.py [--skip-probe] [--skip-benchmarks]
@@ -121,6 +123,7 @@ def probe(personas, split: dict[str, str], replies: dict) -> dict[str, float]:
     from lightning_modules.components.pole_classifier import embed_replies, split_replies, train_pole_classifier
 
     traits = [p.trait for p in personas.poles]
+    _, _, centered = train_pole_classifier(replies, split, personas.ids, traits, centered=True)
     clf, encoder, scores = train_pole_classifier(replies, split, personas.ids, traits)
     print(f"\n## Separability (MiniLM linear probe; train {scores['train_replies']:.0f} replies, val {scores['val_replies']:.0f})")
     print(f"C chosen by 5-fold CV on train (folds grouped by situation): {scores['C']:g}")
@@ -129,7 +132,9 @@ def probe(personas, split: dict[str, str], replies: dict) -> dict[str, float]:
     val_x, val_y, _ = split_replies(replies, split, personas.ids, "val")
     with torch.no_grad():
         predicted = clf(embed_replies(encoder, val_x)).argmax(-1).tolist()
-    print("| pole | val recall | most often mistaken for |\n|---|---|---|")
+    print(f"persona_expression's instrument (each reply relative to its situation's centroid of curated replies): "
+          f"val ten-way {centered['val_accuracy']:.3f}, high-vs-low {centered['val_trait_accuracy']:.3f}")
+    print("| pole | val recall (plain probe) | most often mistaken for |\n|---|---|---|")
     for i, pole in enumerate(personas.ids):
         rows = [p for p, t in zip(predicted, val_y) if t == i]
         wrong = [personas.ids[p] for p in rows if p != i]

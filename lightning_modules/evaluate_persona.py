@@ -20,20 +20,22 @@ from lightning_modules.evaluate_systems import SYSTEMS
 
 class LazyPoleClassifier:
     """Fits the pole classifier on the train-split curated replies at its first call (a resumed
-    evaluation whose persona_expression jobs are all cached never pays the ~30 s of embedding)."""
+    evaluation whose persona_expression jobs are all cached never pays the ~30 s of embedding).
+    Centered: each reply is read relative to its situation's centroid (see PoleClassifier)."""
 
     def __init__(self, replies: dict, splits: dict[str, str], poles: list[str], traits: list[str]) -> None:
         self.replies, self.splits, self.poles, self.traits = replies, splits, poles, traits
         self._fitted = None
         self.scores: Optional[dict[str, float]] = None
 
-    def __call__(self, texts: list[str]) -> list[list[float]]:
+    def __call__(self, texts: list[str], references: list[list[str]]) -> list[list[float]]:
         from lightning_modules.components.pole_classifier import classify_texts, train_pole_classifier
 
         if self._fitted is None:
-            clf, encoder, self.scores = train_pole_classifier(self.replies, self.splits, self.poles, self.traits)
+            clf, encoder, self.scores = train_pole_classifier(self.replies, self.splits, self.poles, self.traits,
+                                                              centered=True)
             self._fitted = (clf, encoder)
-        return classify_texts(*self._fitted, texts)
+        return classify_texts(*self._fitted, texts, references)
 
 
 def bind_persona_expression(bench: PersonaExpression, cfg) -> None:

@@ -22,7 +22,8 @@ from typing import Callable, Optional, Sequence
 from .base import Benchmark, checked_generate, checked_option_logprobs, mean
 from .stats import bootstrap_intervals
 
-Classifier = Callable[[list[str]], list[list[float]]]
+Classifier = Callable[[list[str], list[list[str]]], list[list[float]]]
+"""(replies, each reply's situation references) -> pole probabilities per reply."""
 PREFIX = "persona_expression"
 CLASSIFIER_METRICS = ("val_accuracy", "val_trait_accuracy")
 MIN_LABEL_GAP = 0.3  # the two poles' labels must differ by this much for a trait to count in pole_preference
@@ -61,7 +62,8 @@ class PersonaExpression(Benchmark):
             raise RuntimeError("persona_expression needs its pole classifier (set by the evaluate stage)")
         convs = [item["prompt"] for item in batch]
         replies = checked_generate(model, convs, self.max_new_tokens)
-        probs = self.classifier(replies)
+        # The classifier reads each reply relative to its situation (the references' centroid).
+        probs = self.classifier(replies, [item["references"] for item in batch])
         scores = dict(getattr(self.classifier, "scores", None) or {})
         ref_ll = checked_option_logprobs(model, convs, [item["references"] for item in batch])
         return [
