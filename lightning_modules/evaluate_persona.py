@@ -50,8 +50,7 @@ def bind_persona_expression(bench: PersonaExpression, cfg) -> None:
     if not items:
         raise ValueError(f"persona_expression: {path} has no reply for any test-split situation")
     classifier = LazyPoleClassifier(replies, split_of(splits), personas.ids, [p.trait for p in personas.poles])
-    bench.bind(items, personas.ids, classifier)
-    bench.pairs = personas.trait_pairs()
+    bench.bind(items, personas.ids, classifier, personas.trait_pairs())
 
 
 def add_persona_expression_metrics(by_system: dict[str, dict], bench: PersonaExpression, baseline: str,

@@ -45,10 +45,13 @@ class PersonaExpression(Benchmark):
         self.replies = replies
         self.bind(items, poles, classifier)
 
-    def bind(self, items: Sequence[dict], poles: Sequence[str], classifier: Optional[Classifier]) -> None:
+    def bind(self, items: Sequence[dict], poles: Sequence[str], classifier: Optional[Classifier],
+             pairs: Sequence[tuple[int, int]] = ()) -> None:
+        """Items, pole ids, the classifier and the (high, low) pole index pairs pole_preference compares."""
         self.items = [dict(i) for i in items]
         self.poles = list(poles)
         self.classifier = classifier
+        self.pairs = list(pairs)
         self._all_items = None
 
     def read_items(self) -> list[dict]:
