@@ -86,14 +86,19 @@ def _text(value, where: str, key: str) -> str:
     return value.strip()
 
 
-def training_records(
-    replies: dict[str, CuratedReplies], split_of: dict[str, str], situation_ids: list[str]
-) -> list[CuratedReplies]:
-    """The curated records of `situation_ids`, refusing any test-split situation (held out for evaluation)."""
+def refuse_held_out(split_of: dict[str, str], situation_ids: list[str]) -> None:
+    """Fail when any of `situation_ids` is a test-split situation: its replies are for evaluation only."""
     held_out = [sid for sid in situation_ids if split_of.get(sid) == "test"]
     if held_out:
         raise DataError(
             f"curated replies of test-split situations are for evaluation only, never for training "
             f"({len(held_out)} asked for, e.g. {held_out[0]}); use datagen.split=train or val"
         )
+
+
+def training_records(
+    replies: dict[str, CuratedReplies], split_of: dict[str, str], situation_ids: list[str]
+) -> list[CuratedReplies]:
+    """The curated records of `situation_ids`, refusing any test-split situation (held out for evaluation)."""
+    refuse_held_out(split_of, situation_ids)
     return [replies[sid] for sid in situation_ids if sid in replies]

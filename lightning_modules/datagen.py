@@ -23,7 +23,7 @@ import lightning as L
 import torch
 
 from datamodules.io import ConfigError, DataError, atomic_write_text, config_hash, read_json, to_container, write_jsonl
-from datamodules.persona_replies import training_records
+from datamodules.persona_replies import refuse_held_out
 from datamodules.personas import PersonaSet, load_personas
 from datamodules.situations import (
     Situation,
@@ -155,7 +155,7 @@ def run(ctx) -> dict:
 
 def _covered(selected: list[Situation], teacher: CuratedTeacher, splits: dict[str, str], on_missing: str):
     """(situations the curated teacher has records for, ids it has none for); a missing one fails unless skipped."""
-    training_records(teacher.replies, splits, [s.id for s in selected])  # refuses held-out test situations
+    refuse_held_out(splits, [s.id for s in selected])
     missing = [s.id for s in selected if s.id not in teacher.replies]
     if missing and on_missing != "skip":
         raise ConfigError(
