@@ -264,7 +264,11 @@ class EvaluateConfig:
     data_root: Optional[str] = None
     """Benchmark data root (None: $PERSONAFUSE_BENCHMARKS, ../shared/benchmarks, ~/.cache/personafuse/benchmarks)."""
     batch_size: int = 8
-    """Prompts per batch."""
+    """Prompts per batch (rows per model call, also when several systems share a call)."""
+    batch_systems: bool = True
+    """Evaluate the systems that share one model (every built-in system) together: each model call
+    holds rows of several systems, each with its own gates and prompt (see system_batch.py). Off:
+    one system after another, the same records (log-likelihoods equal within float tolerance)."""
     persona_prompt: str = (
         "Before you answer, read the situation: what does the person need, and which Big Five traits "
         "(openness, conscientiousness, extraversion, agreeableness, emotional stability) would a wise, "

@@ -34,16 +34,20 @@ def persona_model_factory(model_cfg: ModelConfig, lora: LoraConfig, expert_names
     return build
 
 
-def load_experts(model_cfg: ModelConfig, lora: LoraConfig, adapters_dir: str, expert_names: Sequence[str]):
+def load_experts(model_cfg: ModelConfig, lora: LoraConfig, adapters_dir: str, expert_names: Sequence[str],
+                 extra: Optional[dict[str, str]] = None):
     """(PersonaLoRAModel holding each expert's exported PEFT adapter, tokenizer) on the configured device;
-    used by evaluate and joint."""
+    used by evaluate and joint. `extra` (name -> adapter folder) stacks more adapters of the same
+    rank after the named experts (evaluate: the SFT baseline as one more expert)."""
     from lightning_modules.components.base_model import load_configured, pick_device
     from lightning_modules.components.persona_lora import PersonaLoRAModel
 
+    folders = {name: Path(adapters_dir) / name for name in expert_names}
+    folders.update({name: Path(folder) for name, folder in (extra or {}).items()})
     base, tok = load_configured(model_cfg)
-    model = PersonaLoRAModel(base, expert_names, lora.r, lora.alpha, 0.0, lora.target_modules)
-    for name in expert_names:
-        model.load_peft(name, Path(adapters_dir) / name)
+    model = PersonaLoRAModel(base, list(folders), lora.r, lora.alpha, 0.0, lora.target_modules)
+    for name, folder in folders.items():
+        model.load_peft(name, folder)
     return model.to(pick_device(model_cfg.device)).eval(), tok
 
 

@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader
 
 from datamodules.io import atomic_write_text, read_json, write_jsonl
 from datamodules.personas import BIG_FIVE, load_personas
-from lightning_modules.evaluate_systems import SYSTEMS, SystemSpec
 from lightning_modules.common import load_experts
+from lightning_modules.evaluate_systems import SYSTEMS, SystemSpec
 from lightning_modules.components.personafuse import ChatModel
 from lightning_modules.evaluate_report import add_intervals, baseline_rows, log_comparison
 
@@ -35,7 +35,8 @@ HEADLINE_METRICS = (
 
 @dataclass  # not frozen: Lightning's batch transfer rebuilds dataclasses
 class EvalJob:
-    system: str
+    systems: list[str]
+    """Systems evaluated together (one model call holds rows of each), or a single system."""
     benchmark: str
 
 
@@ -58,35 +59,37 @@ class GatesUsed:
 
 
 class EvaluateModule(L.LightningModule):
-    """predict_step runs one (system, benchmark) job; finished jobs are read back from the cache."""
+    """predict_step runs one job: a benchmark for one system or several together; each system's
+    result is cached on its own, so a resumed job runs only the systems not yet done."""
 
     def __init__(self, build_system: Callable[[str], ChatModel], benchmarks: dict, cache_dir: Path, batch_size: int = 8):
         super().__init__()
         self.build_system, self.benchmarks = build_system, benchmarks
         self.cache_dir, self.batch_size = Path(cache_dir), batch_size
-        self._system_name: Optional[str] = None
-        self._system: Optional[ChatModel] = None
 
-    def predict_step(self, job: Optional[EvalJob], batch_idx: int = 0) -> Optional[dict]:
+    def predict_step(self, job: Optional[EvalJob], batch_idx: int = 0) -> Optional[list[dict]]:
         if job is None:  # padding: more ranks than jobs
             return None
-        path = self.cache_dir / job.system / f"{job.benchmark}.json"
-        cached = read_json(path)
-        if cached is not None:
-            return cached
-        model = GatesUsed(self._model(job.system))
-        metrics, records = self.benchmarks[job.benchmark].evaluate(model, self.batch_size)
-        result = {"system": job.system, "benchmark": job.benchmark, "metrics": metrics,
-                  "records": records, "gates": model.rows}
-        atomic_write_text(path, json.dumps(result))
-        return result
+        todo = [s for s in job.systems if read_json(self._path(s, job.benchmark)) is None]
+        benchmark = self.benchmarks[job.benchmark]
+        if len(todo) > 1:
+            from lightning_modules.components.system_batch import SystemBatch
 
-    def _model(self, system: str) -> ChatModel:
-        """Jobs arrive grouped by system; keep one system's model alive at a time."""
-        if self._system_name != system:
-            self._system, self._system_name = None, None
-            self._system, self._system_name = self.build_system(system), system
-        return self._system
+            batch = SystemBatch({s: self.build_system(s) for s in todo}, self.batch_size)
+            for system, (metrics, records, gates) in batch.evaluate(benchmark).items():
+                self._store(system, job.benchmark, metrics, records, gates)
+        elif todo:
+            model = GatesUsed(self.build_system(todo[0]))
+            metrics, records = benchmark.evaluate(model, self.batch_size)
+            self._store(todo[0], job.benchmark, metrics, records, model.rows)
+        return [read_json(self._path(s, job.benchmark)) for s in job.systems]
+
+    def _path(self, system: str, benchmark: str) -> Path:
+        return self.cache_dir / system / f"{benchmark}.json"
+
+    def _store(self, system: str, benchmark: str, metrics: dict, records: list, gates: list) -> None:
+        result = {"system": system, "benchmark": benchmark, "metrics": metrics, "records": records, "gates": gates}
+        atomic_write_text(self._path(system, benchmark), json.dumps(result))
 
 
 def build_benchmarks(ecfg, cfg=None) -> dict:
@@ -118,12 +121,18 @@ def build_benchmarks(ecfg, cfg=None) -> dict:
 
 
 class SystemFactory:
-    """Builds a system's ChatModel from the upstream stages' outputs; loads each base model once."""
+    """Builds each system's ChatModel from the upstream stages' outputs, all over one shared model.
 
-    def __init__(self, ctx):
+    Every built-in system is that model with a gate function and perhaps the persona prompt: the
+    ten experts (when adapter_sft or joint ran), plus the SFT baseline's LoRA stacked as one more
+    expert when `sft` is evaluated, so one load serves all and systems can share model calls.
+    Without any experts the shared model is the plain base model.
+    """
+
+    def __init__(self, ctx, systems: list[str]):
         self.ctx, self.cfg = ctx, ctx.cfg
-        self._persona = None
-        self._experts_model = None
+        self.stack_sft = any(SYSTEMS.get(s).adapters == "sft_baseline" for s in systems)
+        self._shared = None
         self._fuse = None
 
     def check(self, systems: list[str]) -> None:
@@ -140,38 +149,24 @@ class SystemFactory:
     def __call__(self, name: str) -> ChatModel:
         spec: SystemSpec = SYSTEMS.get(name)
         prompt = self.cfg.evaluate.persona_prompt if spec.persona_prompt else None
-        bs = self.cfg.evaluate.batch_size
-        if spec.adapters is None:
-            model, tok = self._persona_model()
-            return ChatModel(model, tok, None, prompt, bs)
-        if spec.adapters == "sft_baseline":
-            model, tok = load_experts(self.cfg.model, self.cfg.lora, self.ctx.outputs["sft_baseline"]["adapters"], ["sft"])
-            return ChatModel(model, tok, lambda convs: torch.ones(len(convs), 1), prompt, bs)
-        if spec.gates == "pole":
-            model, tok = self._experts()
-            index = model.expert_names.index(spec.pole)
-            gates = lambda convs: torch.nn.functional.one_hot(torch.full((len(convs),), index), model.num_experts).float()  # noqa: E731
-            return ChatModel(model, tok, gates, prompt, bs)
-        fuse = self._personafuse()
-        return ChatModel(fuse.persona_model, fuse.tokenizer, self._gate_fn(spec, fuse), prompt, bs)
+        model, tok = self._model()
+        return ChatModel(model, tok, self._gate_fn(spec, model), prompt, self.cfg.evaluate.batch_size)
 
-    def _persona_model(self):
-        """Base systems reuse the ten-expert model with gates off (exactly the base model)."""
-        if "adapter_sft" in self.ctx.outputs:
-            return self._experts()
-        if self._persona is None:
-            from lightning_modules.components.base_model import load_configured, pick_device
+    def _model(self):
+        """The shared model, loaded once."""
+        if self._shared is None:
+            experts = "adapter_sft" in self.ctx.outputs or "joint" in self.ctx.outputs
+            names = load_personas(self.cfg.personas.file).ids if experts else []
+            adapters = self._tuned("adapter_sft")["adapters"] if experts else ""
+            extra = {"sft": str(Path(self.ctx.outputs["sft_baseline"]["adapters"]) / "sft")} if self.stack_sft else {}
+            if names or extra:
+                self._shared = load_experts(self.cfg.model, self.cfg.lora, adapters, names, extra)
+            else:
+                from lightning_modules.components.base_model import load_configured, pick_device
 
-            model, tok = load_configured(self.cfg.model)
-            self._persona = (model.to(pick_device(self.cfg.model.device)), tok)
-        return self._persona
-
-    def _experts(self):
-        """The ten-expert model with the adapter_sft adapters, loaded once."""
-        if self._experts_model is None:
-            personas = load_personas(self.cfg.personas.file)
-            self._experts_model = load_experts(self.cfg.model, self.cfg.lora, self._tuned("adapter_sft")["adapters"], personas.ids)
-        return self._experts_model
+                model, tok = load_configured(self.cfg.model)
+                self._shared = (model.to(pick_device(self.cfg.model.device)), tok)
+        return self._shared
 
     def _tuned(self, stage: str) -> dict:
         """The joint stage's experts and router supersede the separately trained ones when it ran."""
@@ -182,23 +177,50 @@ class SystemFactory:
             from lightning_modules.components.personafuse import PersonaFuse
             from lightning_modules.components.router import load_router
 
-            model, tok = self._experts()
+            model, tok = self._model()
             router, meta = load_router(Path(self._tuned("router")["router"]))
-            self._fuse = PersonaFuse(model, tok, router.to(next(model.parameters()).device), meta)
+            self._fuse = _RouteOnce(PersonaFuse(model, tok, router.to(next(model.parameters()).device), meta))
         return self._fuse
 
-    def _gate_fn(self, spec: SystemSpec, fuse):
+    def _gate_fn(self, spec: SystemSpec, model):
+        """[n, E] gates over the shared model's experts for a batch of conversations (None: no experts)."""
+        if spec.gates is None:
+            return None
+        if spec.gates in ("pole", "single"):
+            index = model.expert_names.index("sft" if spec.gates == "single" else spec.pole)
+            return lambda convs: torch.nn.functional.one_hot(torch.full((len(convs),), index), model.num_experts).float()
         from lightning_modules.evaluate_gates import gate_function
 
-        return gate_function(spec, fuse, self.cfg)
+        fuse = self._personafuse()
+        routed = gate_function(spec, fuse, self.cfg)
+        extra = model.num_experts - fuse.fuse.router.num_experts
+        if not extra:
+            return routed
+        return lambda convs: torch.nn.functional.pad(routed(convs), (0, extra))  # stacked extra experts: off
+
+
+class _RouteOnce:
+    """PersonaFuse whose `route` remembers the last batch: every routed system of one evaluation
+    round routes the same conversations, and routing is deterministic, so it runs once."""
+
+    def __init__(self, fuse) -> None:
+        self.fuse, self.meta = fuse, fuse.meta
+        self._last: Optional[tuple] = None
+
+    def route(self, conversations) -> torch.Tensor:
+        key = json.dumps(list(conversations), sort_keys=True)
+        if self._last is None or self._last[0] != key:
+            self._last = (key, self.fuse.route(conversations))
+        return self._last[1]
 
 
 def run(ctx) -> dict:
     ecfg = ctx.cfg.evaluate
-    factory = SystemFactory(ctx)
+    factory = SystemFactory(ctx, ecfg.systems)
     factory.check(ecfg.systems)
     benchmarks = build_benchmarks(ecfg, ctx.cfg)
-    jobs = [EvalJob(s, b) for s in ecfg.systems for b in benchmarks]
+    groups = [list(ecfg.systems)] if ecfg.batch_systems else [[s] for s in ecfg.systems]
+    jobs = [EvalJob(g, b) for g in groups for b in benchmarks]
     module = EvaluateModule(factory, benchmarks, ctx.stage_dir / "jobs", ecfg.batch_size)
     trainer, sharded = _trainer(ctx.cfg.trainer)
     if not sharded and not ctx.is_rank_zero:
@@ -209,7 +231,8 @@ def run(ctx) -> dict:
     trainer.strategy.barrier()  # every rank's jobs are cached before rank 0 gathers them
     if not ctx.is_rank_zero:
         return {}
-    results = [module.predict_step(job) for job in jobs]  # each read back from its cache file, in job order
+    # each read back from its cache files, in job order
+    results = [result for job in jobs for result in module.predict_step(job)]
     by_system = _group(results)
     downstream = {}
     if ecfg.judge.enabled:

@@ -64,8 +64,8 @@ class ChatModel:
         for start in range(0, len(conversations), self.batch_size):
             convs = conversations[start : start + self.batch_size]
             gates = self.route(convs)
-            out += _option_logprobs(self.model, self.tokenizer, [self._prompted(c) for c in convs],
-                                    options[start : start + self.batch_size], gates)
+            out += option_logprobs_rows(self.model, self.tokenizer, [self._prompted(c) for c in convs],
+                                        options[start : start + self.batch_size], gates)
             used += [] if gates is None else gates.tolist()
         return out, used
 
@@ -109,26 +109,34 @@ def generate_with_gates(model, tokenizer, conversations: Sequence[list[dict]], g
     return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
-def _option_logprobs(model, tokenizer, conversations, options, gates) -> list[list[float]]:
-    """Sum of log p(option tokens | templated prompt). Each prompt runs once and its KV cache is
-    shared by all of its options: benchmark prompts are long (few-shot, scenarios) and options short."""
+def option_logprobs_rows(model, tokenizer, conversations, options, gates) -> list[list[float]]:
+    """Sum of log p(option tokens | templated prompt) per row. Each distinct prompt runs once and
+    its KV cache is shared by all of its options (benchmark prompts are long, options short); rows
+    with the same prompt and options (one item under several systems' gates) run as one batch."""
     device = next(model.parameters()).device
-    scores = []
+    groups: dict[tuple, list[int]] = {}
     for i, (conv, opts) in enumerate(zip(conversations, options)):
         text = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
-        prompt = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=device)
+        groups.setdefault((text, tuple(opts)), []).append(i)
+    scores: list[list[float]] = [[] for _ in conversations]
+    for (text, opts), rows in groups.items():
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompt = torch.tensor([ids] * len(rows), device=device)
         option_ids = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in opts]
-        if any(not ids for ids in option_ids):
+        if any(not o for o in option_ids):
             raise ValueError(f"an option tokenises to nothing: {list(opts)!r}")
-        row_gates = None if gates is None else gates[i : i + 1].to(device)
-        scores.append(_score_options(model, prompt, option_ids, row_gates, tokenizer.pad_token_id))
+        row_gates = None if gates is None else gates[rows].to(device)
+        for i, row_scores in zip(rows, _score_options(model, prompt, option_ids, row_gates, tokenizer.pad_token_id)):
+            scores[i] = row_scores
     return scores
 
 
-def _score_options(model, prompt: torch.Tensor, option_ids: list[list[int]], gates, pad_id: int) -> list[float]:
+def _score_options(model, prompt: torch.Tensor, option_ids: list[list[int]], gates, pad_id: int) -> list[list[float]]:
+    """Option scores for S copies of one prompt ([S, L]), row s under gates[s]."""
     out = model(input_ids=prompt, use_cache=True, **gate_kwargs(model, gates))
-    first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-    scores = [float(first[ids[0]]) for ids in option_ids]
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+    rows = prompt.shape[0]
+    scores = [[float(first[s, ids[0]]) for ids in option_ids] for s in range(rows)]
     rest = max(len(ids) for ids in option_ids) - 1
     if rest == 0:  # single-token options (letters): the prompt's last position scores them all
         return scores
@@ -137,18 +145,20 @@ def _score_options(model, prompt: torch.Tensor, option_ids: list[list[int]], gat
     cache = out[cache_key]
     cache.batch_repeat_interleave(n)
     # Feed option tokens 0..L-2 after the shared prompt; position t predicts token t+1. Right padding
-    # is harmless: padded positions come after every token we read.
+    # is harmless: padded positions come after every token we read. Rows: (copy s, option j).
     ids = torch.full((n, rest), pad_id, dtype=torch.long, device=prompt.device)
     mask = torch.zeros((n, length + rest), dtype=torch.long, device=prompt.device)
     mask[:, :length] = 1
     for j, opt in enumerate(option_ids):
         ids[j, : len(opt) - 1] = torch.tensor(opt[:-1])
         mask[j, length : length + len(opt) - 1] = 1
-    more = gate_kwargs(model, None if gates is None else gates.expand(n, -1))
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_key: cache}, **more).logits
+    more = gate_kwargs(model, None if gates is None else gates.repeat_interleave(n, dim=0))
+    logits = model(input_ids=ids.repeat(rows, 1), attention_mask=mask.repeat(rows, 1), use_cache=True,
+                   **{cache_key: cache}, **more).logits
     logp = torch.log_softmax(logits.float(), dim=-1)
-    for j, opt in enumerate(option_ids):
-        scores[j] += float(sum(logp[j, t - 1, opt[t]] for t in range(1, len(opt))))
+    for s in range(rows):
+        for j, opt in enumerate(option_ids):
+            scores[s][j] += float(sum(logp[s * n + j, t - 1, opt[t]] for t in range(1, len(opt))))
     return scores
 
 

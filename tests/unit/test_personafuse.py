@@ -87,14 +87,14 @@ def _naive_option_logprob(model, tok, conv, option, gates):
 
 
 def test_shared_prefix_option_scoring_equals_full_forward(tiny_model):
-    from lightning_modules.components.personafuse import _option_logprobs
+    from lightning_modules.components.personafuse import option_logprobs_rows
 
     fuse = _fuse(tiny_model)
     model, tok = fuse.persona_model, fuse.tokenizer
     options = [["A", "B", "C"], ["(A) Very Accurate", "(E) Very Inaccurate", "maybe"]]
     gates = torch.tensor([[0.5, 0.0, 1.0, 0.2], [0.0, 1.0, 0.0, 0.7]])
     with torch.no_grad():
-        got = _option_logprobs(model, tok, CONVS, options, gates)
+        got = option_logprobs_rows(model, tok, CONVS, options, gates)
     for conv, opts, g, row in zip(CONVS, options, gates, got):
         for opt, value in zip(opts, row):
             assert value == pytest.approx(_naive_option_logprob(model, tok, conv, opt, g[None]), abs=1e-3)
