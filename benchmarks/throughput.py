@@ -24,6 +24,8 @@ ratios are paired per repeat, then summarised as median [min–max]):
 4. peak memory (VmHWM, reset before generating, one subprocess per variant) of routed inference
    vs the base model, against base + 1.2 × the experts' weight bytes;
 5. the FLOP floor base/(base + experts) for this model and for a Llama-3.1-8B shape.
+6. evaluation of the quickstart's systems (base, prompting, sft, personafuse) on its benchmarks,
+   batched into shared model calls (SystemBatch) vs one system after another, with the records compared.
 
 It prints one table per section, the targets with PASS/FAIL, writes a Markdown report
 (`benchmarks/results.md`; `--quick` writes `outputs/benchmarks/results-quick.md`) atomically, and
@@ -443,7 +445,7 @@ def bench_sft(args, base, tok, pm) -> dict:
             gates = F.one_hot(b["pole"], len(POLES)).float()
             with pm.holding(gates):  # by hand, to reach into the gate state
                 if force_fused:  # same maths through the all-experts product (E·r columns per token)
-                    pm.state.onehot_index = pm.state.onehot_weight = None
+                    pm.state.sparse_index = pm.state.sparse_weight = None
                 logits = pm.base_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
             return lm_loss(logits, b["labels"])
         return step
@@ -473,6 +475,73 @@ def bench_sft(args, base, tok, pm) -> dict:
     del peft_model
     gc.collect()
     return {"tok_s": results, "optimizer_s": optimizer_s}
+
+
+# --------------------------------------------------------------------------- section 6: evaluation, batched systems
+
+
+def bench_eval_batching(args, pm, fuse, tok) -> dict:
+    """The quickstart's systems and benchmarks (experiments/quickstart.yaml), evaluated one system
+    after another and then together (SystemBatch: rows of every system in each model call).
+
+    The SFT baseline is a stacked LoRA under a one-hot gate in the suite; here one of the random
+    experts stands in for it (the same cost). Records are compared item by item."""
+    from experiments.config import load_config
+    from lightning_modules.components.personafuse import ChatModel
+    from lightning_modules.components.system_batch import SystemBatch
+    from lightning_modules.evaluate import build_benchmarks
+
+    ecfg = load_config(ROOT / "experiments" / "quickstart.yaml", []).evaluate
+    if args.quick:
+        for bcfg in ecfg.benchmarks.values():
+            bcfg.limit = min(bcfg.limit or 2, 2)
+            if "max_new_tokens" in bcfg.options:
+                bcfg.options["max_new_tokens"] = 4
+    benchmarks = build_benchmarks(ecfg)
+    bs = ecfg.batch_size
+    one_hot = lambda convs: torch.nn.functional.one_hot(torch.zeros(len(convs), dtype=torch.long), len(POLES)).float()  # noqa: E731
+    systems = {"base": ChatModel(pm, tok, None, None, bs), "prompting": ChatModel(pm, tok, None, ecfg.persona_prompt, bs),
+               "sft": ChatModel(pm, tok, one_hot, None, bs), "personafuse": ChatModel(pm, tok, fuse.route, None, bs)}
+
+    def sequential() -> dict:
+        return {(s, b): bench.evaluate(chat, bs)[1] for s, chat in systems.items() for b, bench in benchmarks.items()}
+
+    def batched() -> dict:
+        out = {}
+        for b, bench in benchmarks.items():
+            out.update({(s, b): result[1] for s, result in SystemBatch(systems, bs).evaluate(bench).items()})
+        return out
+
+    times = {"sequential": Series(), "batched": Series()}
+    records: dict[str, dict] = {}
+    with torch.inference_mode():
+        for rep in range(args.eval_repeats):
+            for name in rotated(["sequential", "batched"], rep):
+                fn = sequential if name == "sequential" else batched
+                start = time.perf_counter()
+                records[name] = fn()
+                times[name].add(time.perf_counter() - start)
+                log(f"[eval] repeat {rep + 1}/{args.eval_repeats} {name}: {times[name].values[-1]:.1f} s")
+    differing = sum(_records_differ(a, b) for key in records["sequential"]
+                    for a, b in zip(records["sequential"][key], records["batched"][key]))
+    items = sum(len(v) for v in records["sequential"].values())
+    limits = {b: (c.limit, c.options.get("max_new_tokens")) for b, c in ecfg.benchmarks.items()}
+    return {"s": times, "differing": differing, "items": items, "systems": list(systems), "limits": limits, "batch": bs}
+
+
+def _records_differ(a: dict, b: dict) -> bool:
+    """True when two records differ beyond float tolerance (1e-4 absolute on scores)."""
+    for key, value in a.items():
+        other = b.get(key)
+        if isinstance(value, float) and isinstance(other, float):
+            if abs(value - other) > 1e-4:
+                return True
+        elif isinstance(value, list) and value and isinstance(value[0], float):
+            if len(value) != len(other) or any(abs(x - y) > 1e-4 for x, y in zip(value, other)):
+                return True
+        elif value != other:
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------- section 3: datagen
@@ -591,7 +660,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
     started = time.perf_counter()
-    sections = set(args.only or ["gen", "sft", "datagen", "memory", "flops"])
+    sections = set(args.only or ["gen", "sft", "datagen", "memory", "flops", "eval"])
 
     from lightning_modules.components.base_model import load_base_model
 
@@ -602,14 +671,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     flops = {"model": flop_floor(cfg, len(POLES), args.rank), "llama8b": flop_floor(LLAMA_8B, len(POLES), args.rank)}
     workdir = Path(tempfile.mkdtemp(prefix="pf-bench-"))
 
-    gen = merge_cost = sft = datagen = memory = None
+    gen = merge_cost = sft = datagen = memory = evaluation = None
     xlora_note = "not run"
-    if sections & {"gen", "sft"}:
+    if sections & {"gen", "sft", "eval"}:
         pm, fuse, lora, xlora, xlora_note = build_systems(args, base, tok, workdir)
         log(f"[x-lora] {xlora_note}")
         if "gen" in sections:
             gen = bench_generation(args, base, tok, pm, fuse, lora, xlora)
             merge_cost = bench_merge_cost(args, pm, fuse)
+        if "eval" in sections:
+            evaluation = bench_eval_batching(args, pm, fuse, tok)
         del xlora, lora
         gc.collect()
         if "sft" in sections:
@@ -621,7 +692,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "memory" in sections:
         memory = bench_memory(args)
 
-    text, metrics, targets = render(args, flops, gen, merge_cost, sft, datagen, memory, xlora_note)
+    text, metrics, targets = render(args, flops, gen, merge_cost, sft, datagen, memory, xlora_note, evaluation)
     elapsed = time.perf_counter() - started
     text += f"\n\nTotal wall time: {elapsed:.0f} s.\n"
     print("\n" + text)
@@ -637,7 +708,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-def render(args, flops, gen, merge_cost, sft, datagen, memory, xlora_note):
+def render(args, flops, gen, merge_cost, sft, datagen, memory, xlora_note, evaluation=None):
     """The Markdown report, flat metrics for MLflow, and the targets' verdicts."""
     parts: list[str] = []
     metrics: dict[str, float] = {}
@@ -778,6 +849,9 @@ def render(args, flops, gen, merge_cost, sft, datagen, memory, xlora_note):
         ["model", "base GFLOP/token (target linears)", "experts GFLOP/token", "floor = base/(base+experts)",
          "floor incl. lm_head", "merge GFLOP (once per conversation)"], rows))
 
+    if evaluation is not None:
+        parts.append(render_eval_batching(evaluation, metrics, targets))
+
     b8, pf8 = (gen["tok_s"].get((8, "base")), gen["tok_s"].get((8, "personafuse"))) if gen else (None, None)
     lines = []
     descriptions = {
@@ -786,6 +860,7 @@ def render(args, flops, gen, merge_cost, sft, datagen, memory, xlora_note):
         "routed_b1_vs_base": f"routed gen, batch 1, {args.gen_tokens_b1} tokens ≥ 0.9 × base tok/s",
         "sft_vs_peft": "adapter SFT (Lightning, 10 experts) ≥ 0.95 × plain PEFT loop",
         "routed_memory": "routed peak memory ≤ base peak + 1.2 × experts' weight bytes",
+        "eval_batched": "evaluating the quickstart's systems batched ≤ 0.5 × one after another, same records",
     }
     measured = {
         "routed_b8_vs_floor": (lambda: f"{paired_ratio(pf8, b8).median:.3f} × base (need ≥ {0.9 * floor:.3f}); "
@@ -799,6 +874,9 @@ def render(args, flops, gen, merge_cost, sft, datagen, memory, xlora_note):
         "sft_vs_peft": (lambda: f"{metrics['sft/lightning_adapter_sft/vs_peft']:.3f} × PEFT")
         if "sft/lightning_adapter_sft/vs_peft" in metrics else None,
         "routed_memory": (lambda: "see section 4") if memory else None,
+        "eval_batched": (lambda: f"batched ÷ sequential: {metrics['eval/batched_over_sequential']:.2f}; "
+                                 f"{evaluation['differing']} of {evaluation['items']} records differ")
+        if evaluation else None,
     }
     for key, desc in descriptions.items():
         if key not in targets:
@@ -812,6 +890,22 @@ def render(args, flops, gen, merge_cost, sft, datagen, memory, xlora_note):
               "Run without --quick for them.\n\n") if args.quick else ""
     parts.append("## Targets\n\n" + caveat + md_table(["target", "measured", "verdict"], lines))
     return "\n\n".join(parts), metrics, targets
+
+
+def render_eval_batching(evaluation: dict, metrics: dict, targets: dict) -> str:
+    seq, bat = evaluation["s"]["sequential"], evaluation["s"]["batched"]
+    ratio = paired_ratio(bat, seq)
+    metrics.update({"eval/sequential_s": seq.median, "eval/batched_s": bat.median,
+                    "eval/batched_over_sequential": ratio.median, "eval/records_differing": evaluation["differing"]})
+    targets["eval_batched"] = ratio.median <= 0.5 and evaluation["differing"] == 0
+    limits = ", ".join(f"{b} {n}" + (f" ({t} tokens)" if t else "") for b, (n, t) in evaluation["limits"].items())
+    return (f"## 6. Evaluation: {len(evaluation['systems'])} gate-systems batched vs one after another\n\n"
+            f"Systems {', '.join(evaluation['systems'])} on the quickstart's benchmarks ({limits}), "
+            f"batch size {evaluation['batch']}; one model, loaded once, for both.\n\n"
+            + md_table(["variant", "wall s"], [["one system after another", seq.spread("{:.1f}")],
+                                             ["batched (SystemBatch)", bat.spread("{:.1f}")]])
+            + f"\n\nbatched ÷ sequential: {ratio.spread('{:.2f}')}. Records differing beyond 1e-4: "
+            f"{evaluation['differing']} of {evaluation['items']}.")
 
 
 def log_mlflow(args, metrics: dict, targets: dict, report: Path) -> None:
@@ -859,7 +953,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--skip-gather-vs-fused", action="store_true", help="skip the one-hot gathered vs fused SFT loop")
     p.add_argument("--datagen-tokens", type=int, default=None, help="new tokens per conversation (default 16)")
     p.add_argument("--memory-tokens", type=int, default=None, help="new tokens in the memory probes (default 32)")
-    p.add_argument("--only", nargs="*", choices=["gen", "sft", "datagen", "memory", "flops"],
+    p.add_argument("--eval-repeats", type=int, default=1, help="repeats of the evaluation section (default 1)")
+    p.add_argument("--only", nargs="*", choices=["gen", "sft", "datagen", "memory", "flops", "eval"],
                    help="run only these sections")
     p.add_argument("--router-layer", type=int, default=None,
                    help="hidden-state layer the router reads (default: router.layer of experiments/quickstart.yaml)")

@@ -2,10 +2,14 @@
 
     y = W0·x + Σ_e g_e · (α/r) · B_e A_e x
 
-All experts are one fused low-rank product (A stacked to [E·r, in], B to [out, E·r]) instead of
-E passes; for a few tokens at a time (decoding) the B side is one batched matmul over experts, so
-B is never re-laid-out per token. When every sequence is gated to a single expert (adapter SFT),
-each example gathers its own expert's A and B instead, so an example costs one expert, not E.
+Two exact paths compute the sum, chosen per call by cost (`GateState.use_sparse`):
+- fused: all experts as one low-rank product (A stacked to [E·r, in], B to [out, E·r]) instead
+  of E passes; for a few tokens at a time (decoding) the B side is one batched matmul over
+  experts, so B is never re-laid-out per token. Gates of zero cost their full share.
+- sparse: when each row has at most k < E non-zero gates, each row gathers its own k experts'
+  A and B and runs batched matmuls with them, so a row costs k experts, not E. The gather copies
+  k experts per row, which pays once a row has enough tokens (prefill, training; one expert per
+  row, as in adapter SFT, always pays); one decoded token at a time with k > 1 stays fused.
 The gate vector is a value: `model(..., gates=g)` and `model.generate(..., gates=g)` hold g for
 the call (fixed for every generated token, which keeps the KV cache valid); gates=None is exactly
 the base model.
@@ -34,6 +38,10 @@ MERGE_PAYS_FROM_TOKENS = 32
 # Fused path: at most this many tokens per call (×r) use the per-expert batched matmul for B
 # (no [out, E·r] copy of B); longer inputs (prefill, training) pay the copy once for a single matmul.
 _BMM_MAX_TOKENS_PER_RANK = 4
+# Sparse path: what gathering one expert weight for a row costs, in multiply-adds of the fused
+# path (measured on CPU, benchmarks/throughput.py). A row of T tokens with k active experts is
+# gathered when k·(COST + T) < E·T: always for k = 1 at E = 10; for k = 3 from about 4 tokens on.
+SPARSE_GATHER_COST = 8
 
 
 class GateState:
@@ -41,23 +49,34 @@ class GateState:
 
     def __init__(self) -> None:
         self.gates: Optional[torch.Tensor] = None
-        self.onehot_index: Optional[torch.Tensor] = None
-        self.onehot_weight: Optional[torch.Tensor] = None
+        self.sparse_index: Optional[torch.Tensor] = None
+        """[B, k]: each row's experts with a non-zero gate (padded with zero-gated ones), when k < E."""
+        self.sparse_weight: Optional[torch.Tensor] = None
         self.all_zero = True
         self.merged = False
         """True while the gated experts are folded into the base weights: layers skip the experts."""
         self._scales: dict = {}
 
     def set(self, gates: Optional[torch.Tensor]) -> None:
-        """Decide the cheapest exact path once per batch, not once per layer call."""
-        self.gates, self.onehot_index, self.onehot_weight = gates, None, None
+        """Find each row's active experts once per batch, not once per layer call."""
+        self.gates, self.sparse_index, self.sparse_weight = gates, None, None
         self.merged, self._scales = False, {}
         self.all_zero = gates is None or not bool(gates.detach().ne(0).any())
         if self.all_zero:
             return
-        if bool((gates.detach().ne(0).sum(dim=1) <= 1).all()):
-            self.onehot_index = gates.detach().abs().argmax(dim=1)
-            self.onehot_weight = gates.gather(1, self.onehot_index[:, None])[:, 0]
+        if gates.requires_grad and torch.is_grad_enabled():
+            return  # the gradient of a zero gate is not zero: only the dense path gives it (joint stage)
+        k = int(gates.detach().ne(0).sum(dim=1).max())
+        if k < gates.shape[1]:
+            self.sparse_index = gates.detach().abs().topk(k, dim=1).indices.sort(dim=1).values
+            self.sparse_weight = gates.gather(1, self.sparse_index)
+
+    def use_sparse(self, tokens_per_row: int) -> bool:
+        """Whether gathering each row's k experts costs less than running all E (see SPARSE_GATHER_COST)."""
+        if self.sparse_index is None:
+            return False
+        k, experts = self.sparse_index.shape[1], self.gates.shape[1]
+        return k * (SPARSE_GATHER_COST + tokens_per_row) < experts * tokens_per_row
 
     def scale(self, r: int, scaling: float, dtype: torch.dtype) -> torch.Tensor:
         """[B, E·r] gate × α/r per rank column; built once per batch (every layer shares it) when no grad flows."""
@@ -96,8 +115,8 @@ class PersonaLoRALinear(nn.Module):
         if st.all_zero or st.merged:
             return out
         h = self.dropout(x).to(self.lora_A.dtype)
-        if st.onehot_index is not None:
-            delta = self._gathered(h, st.onehot_index, st.onehot_weight)
+        if st.use_sparse(h.numel() // (h.shape[0] * h.shape[-1])):
+            delta = self._gathered(h, st.sparse_index, st.sparse_weight)
         else:
             delta = self._fused(h, st.scale(self.r, self.scaling, h.dtype))
         return out + delta.to(out.dtype)
@@ -116,11 +135,17 @@ class PersonaLoRALinear(nn.Module):
         return h @ b.t()
 
     def _gathered(self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """One expert per sequence: batched matmul with each example's own A and B."""
-        a, b = self.lora_A[index], self.lora_B[index]  # [B, r, in], [B, out, r]
-        flat = x.reshape(x.shape[0], -1, x.shape[-1])
-        delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
-        delta = delta * (weight.to(delta.dtype) * self.scaling)[:, None, None]
+        """Each sequence's own k experts ([B, k] index and gates): batched matmuls with its A and B."""
+        rows, k = index.shape
+        a = self.lora_A[index].reshape(rows, k * self.r, -1)  # [B, k·r, in]
+        b = self.lora_B[index].permute(0, 2, 1, 3).reshape(rows, -1, k * self.r)  # [B, out, k·r]
+        flat = x.reshape(rows, -1, x.shape[-1])
+        h = torch.bmm(flat, a.transpose(1, 2))
+        if k == 1:  # one expert: scale the output (the order adapter SFT has always used)
+            delta = torch.bmm(h, b.transpose(1, 2)) * (weight.to(h.dtype) * self.scaling)[:, :, None]
+        else:
+            h = h * (weight.to(h.dtype) * self.scaling).repeat_interleave(self.r, dim=1)[:, None, :]
+            delta = torch.bmm(h, b.transpose(1, 2))
         return delta.reshape(*x.shape[:-1], -1)
 
     # ------------------------------------------------------------------ merge into the base weight
