@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,8 +145,8 @@ def reset_stages(cfg: ExperimentConfig, stage: str) -> list[str]:
     new MLflow runs. Returns the stages whose outputs were moved.
 
     Later stages go too because they were computed from the earlier stages' outputs. Each folder
-    becomes `<stage>.superseded-<hash>`, as after a config change (replacing an older copy with
-    that name)."""
+    becomes `<stage>.superseded-<hash>` (or `-2`, `-3`, ... when that name is taken), as after a
+    config change; no earlier copy is ever replaced."""
     redo = stages_from(cfg, stage)
     out = Path(cfg.output_dir)
     if global_rank() != 0 or not out.is_dir():
@@ -267,12 +266,20 @@ def _run_stage(cfg, stage, h, out, uri, exp_id, parent, results) -> dict[str, An
 def _set_aside(stage_dir: Path, old_hash: str, why: str = "config changed since its last run") -> None:
     """Move a stage folder out of the way (kept, not deleted), so its checkpoints and caches are not
     resumed by a run whose settings differ or that was asked to start over."""
-    kept = stage_dir.with_name(f"{stage_dir.name}.superseded-{old_hash[:8]}")
-    if kept.exists():
-        shutil.rmtree(kept)
+    kept = _unused_name(stage_dir.with_name(f"{stage_dir.name}.superseded-{old_hash[:8]}"))
     stage_dir.rename(kept)
     stage_dir.mkdir()
     console.print(f"[yellow]{stage_dir.name}[/]: {why}; its old outputs are in {kept}")
+
+
+def _unused_name(path: Path) -> Path:
+    """`path`, else `path-2`, `path-3`, ...: the first free name, so a second rerun (or a config toggled
+    back and forth, which gives the same hash again) never replaces an earlier kept folder."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
 
 
 def _resume_or_start(state_file: Path, uri: str, exp_id: str, name: str, tags: dict[str, str]) -> str:
