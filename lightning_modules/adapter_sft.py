@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
+from datamodules.io import DataError
 from datamodules.personas import load_personas
 from datamodules.sft import IGNORE_INDEX, PersonaSFTDataModule, SFTRecord, load_sft_records, persona_example_records
 from lightning_modules.common import (
@@ -142,6 +143,9 @@ def sft_records(ctx, personas) -> list[SFTRecord]:
         records += load_sft_records(source, personas.ids, ctx.cfg.data.on_bad_line)  # resolved at config load
     if sft.include_persona_examples or source == "persona_examples":
         records += persona_example_records(personas)
+    if not records:
+        raise DataError(f"adapter_sft: no training examples: {source} holds no pole responses and "
+                        "adapter_sft.include_persona_examples is false")
     return records
 
 
