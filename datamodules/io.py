@@ -15,6 +15,7 @@ import importlib
 import json
 import os
 import tempfile
+import threading
 from contextlib import contextmanager
 from dataclasses import is_dataclass
 from pathlib import Path
@@ -241,10 +242,14 @@ def file_lock(path: str | Path) -> Iterator[None]:
 
 class ExclusiveLock:
     """A non-blocking lock file: a second process that wants the same folder fails at once with
-    `error(message)` instead of interleaving writes. Released on exit, and by the OS on a crash."""
+    `error(message)` instead of interleaving writes. Released on exit, and by the OS on a crash.
 
-    def __init__(self, path: Path, error: type[Exception], message: str) -> None:
+    heartbeat_s: also touch the file every heartbeat_s seconds while held, so that processes that
+    cannot take the lock themselves (the other ranks of a run) can tell a live holder from a dead one."""
+
+    def __init__(self, path: Path, error: type[Exception], message: str, heartbeat_s: Optional[float] = None) -> None:
         self.path, self.error, self.message, self.handle = Path(path), error, message, None
+        self.heartbeat_s, self.stopped = heartbeat_s, threading.Event()
 
     def __enter__(self) -> "ExclusiveLock":
         self.handle = open(self.path, "w")
@@ -255,8 +260,18 @@ class ExclusiveLock:
             raise self.error(self.message) from None
         self.handle.write(str(os.getpid()))
         self.handle.flush()
+        if self.heartbeat_s:
+            threading.Thread(target=self._beat, name=f"heartbeat {self.path}", daemon=True).start()
         return self
 
+    def _beat(self) -> None:
+        while not self.stopped.wait(self.heartbeat_s):
+            try:
+                os.utime(self.path)
+            except OSError:  # a vanished lock file must not end the run; the watchers then time out
+                pass
+
     def __exit__(self, *exc) -> None:
+        self.stopped.set()
         fcntl.flock(self.handle, fcntl.LOCK_UN)
         self.handle.close()

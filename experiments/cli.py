@@ -63,9 +63,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by the user's input: reported in one line, no traceback."""
     from datamodules.io import DataError
     from experiments.config import ConfigError
-    from experiments.pipeline import PipelineLocked
+    from experiments.pipeline import PipelineLocked, RankWaitTimeout
 
-    return (ConfigError, DataError, PipelineLocked, FileNotFoundError)
+    return (ConfigError, DataError, PipelineLocked, RankWaitTimeout, FileNotFoundError)
 
 
 def _build_parser() -> argparse.ArgumentParser:

@@ -25,8 +25,16 @@ PARENT_RUN_ENV = "PERSONAFUSE_PARENT_RUN_ID"
 """Environment variable naming the MLflow run a NEW pipeline run becomes a child of (set by `personafuse sweep`)."""
 
 
+RANK_WAIT_ENV = "PERSONAFUSE_RANK_WAIT_S"
+"""Environment variable: seconds a rank other than 0 waits for rank 0 to show life before it stops (default 300)."""
+
+
 class PipelineLocked(RuntimeError):
     """Another pipeline is writing to the same output folder."""
+
+
+class RankWaitTimeout(RuntimeError):
+    """A rank other than 0 stopped waiting: rank 0 showed no sign of life (it died, or never started)."""
 
 
 @dataclass
@@ -170,9 +178,26 @@ def _ranks_started_by_launcher() -> bool:
 
 
 def _pipeline_lock(out: Path) -> ExclusiveLock:
+    """Rank 0's lock on the output folder; touched every few seconds, it is also how the other ranks see rank 0 alive."""
     out.mkdir(parents=True, exist_ok=True)
     message = f"another pipeline is running on {out} (lock {out / '.lock'}); wait for it or choose another output_dir"
-    return ExclusiveLock(out / ".lock", PipelineLocked, message)
+    return ExclusiveLock(out / ".lock", PipelineLocked, message, heartbeat_s=_heartbeat_s(_rank_wait_s()))
+
+
+def _rank_wait_s() -> float:
+    raw = os.environ.get(RANK_WAIT_ENV, "300")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigError(f"environment variable {RANK_WAIT_ENV}: a number of seconds > 0 is required, got '{raw}'")
+    return value
+
+
+def _heartbeat_s(wait_s: float) -> float:
+    """Several touches per wait, so a slow shared filesystem or a busy rank 0 is not taken for a dead one."""
+    return min(10.0, wait_s / 4)
 
 
 def _set_aside_all(out: Path, stages: Sequence[str]) -> list[str]:
@@ -211,11 +236,40 @@ def _run_follower(cfg: ExperimentConfig, out: Path, poll_s: float = 1.0) -> dict
 
 
 def _wait_for(path: Path, ready: Callable[[dict], bool], poll_s: float) -> dict:
+    """The stage state once `ready`; stops with RankWaitTimeout when rank 0 (which writes it) looks dead."""
+    rank0 = _Rank0Watch(path.parent.parent / ".lock", _rank_wait_s())
     while True:
         state = read_json(path) or {}
         if ready(state):
             return state
+        rank0.check(path)
         time.sleep(poll_s)
+
+
+class _Rank0Watch:
+    """Rank 0 touches its lock file while it runs (`_pipeline_lock`), even while it works alone for hours
+    (an HTTP teacher, the judge). A wait that sees no touch for timeout_s means rank 0 was killed, or
+    failed before taking the lock; without this check the other ranks polled forever."""
+
+    def __init__(self, lock: Path, timeout_s: float) -> None:
+        self.lock, self.timeout_s = lock, timeout_s
+        self.seen, self.since = self._mtime(), time.monotonic()
+
+    def _mtime(self) -> Optional[int]:
+        try:
+            return self.lock.stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+
+    def check(self, waiting_for: Path) -> None:
+        mtime = self._mtime()
+        if mtime != self.seen:  # compared with its last value, not the clock: nodes' clocks may differ
+            self.seen, self.since = mtime, time.monotonic()
+        elif time.monotonic() - self.since > self.timeout_s:
+            raise RankWaitTimeout(
+                f"rank {global_rank()}: stage '{waiting_for.parent.name}': gave up waiting for {waiting_for} after rank 0 "
+                f"showed no sign of life for {self.timeout_s:g} s (its lock {self.lock} was not touched): rank 0 has "
+                f"died or never started; see its log. {RANK_WAIT_ENV} sets the wait")
 
 
 def _run_locked(cfg: ExperimentConfig, out: Path) -> dict[str, dict[str, Any]]:
