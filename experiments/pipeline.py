@@ -179,9 +179,10 @@ def _ranks_started_by_launcher() -> bool:
 
 def _pipeline_lock(out: Path) -> ExclusiveLock:
     """Rank 0's lock on the output folder; touched every few seconds, it is also how the other ranks see rank 0 alive."""
+    heartbeat_s = _heartbeat_s(_rank_wait_s())  # a bad PERSONAFUSE_RANK_WAIT_S fails before anything is written
     out.mkdir(parents=True, exist_ok=True)
     message = f"another pipeline is running on {out} (lock {out / '.lock'}); wait for it or choose another output_dir"
-    return ExclusiveLock(out / ".lock", PipelineLocked, message, heartbeat_s=_heartbeat_s(_rank_wait_s()))
+    return ExclusiveLock(out / ".lock", PipelineLocked, message, heartbeat_s=heartbeat_s)
 
 
 def _rank_wait_s() -> float:
