@@ -15,6 +15,7 @@ import importlib
 import json
 import os
 import tempfile
+import threading
 from contextlib import contextmanager
 from dataclasses import is_dataclass
 from pathlib import Path
@@ -136,6 +137,8 @@ def read_yaml_mapping(path: str | Path, kind: str, error: type[Exception] = Data
         raise error(f"{kind} not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise error(f"{path}: not valid UTF-8 (byte 0x{err.object[err.start]:02x} at offset {err.start})") from None
     except yaml.YAMLError as err:
         raise error(f"{path}: malformed YAML: {err}") from None
     if data is None:
@@ -157,27 +160,44 @@ def read_json(path: str | Path) -> Optional[Any]:
 
 
 def iter_jsonl(path: str | Path, on_bad_line: str = "fail") -> Iterator[tuple[int, dict]]:
-    """(line number, record) pairs. on_bad_line: 'fail' raises naming file:line, 'skip' warns with a count."""
+    """(line number, record) pairs. on_bad_line: 'fail' raises naming file:line, 'skip' warns with a count.
+
+    Bad lines are malformed JSON, a value that is not an object, and bytes that are not UTF-8 (read
+    line by line, so one bad byte costs one line under 'skip', not the file)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     skipped = 0
-    with open(path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as handle:
+        for lineno, raw in enumerate(handle, 1):
             try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError("a JSON object is expected on each line")
+                record = _jsonl_record(raw)
             except ValueError as err:
                 if on_bad_line == "fail":
-                    raise DataError(f"{path}:{lineno}: malformed JSONL line ({err})") from None
+                    raise DataError(f"{path}:{lineno}: {err}") from None
                 skipped += 1
                 continue
-            yield lineno, record
+            if record is not None:
+                yield lineno, record
     if skipped:
         console.print(f"[yellow]warning[/]: skipped {skipped} malformed line(s) in {path}")
+
+
+def _jsonl_record(raw: bytes) -> Optional[dict]:
+    """One JSONL line as a dict, None for a blank line; a ValueError says what is wrong with it."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})") from None
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except ValueError as err:
+        raise ValueError(f"malformed JSONL line ({err})") from None
+    if not isinstance(record, dict):
+        raise ValueError("malformed JSONL line (a JSON object is expected on each line)")
+    return record
 
 
 def parse_jsonl(path: str | Path, parse: Callable[[dict, str, int], Any], on_bad_line: str = "fail",
@@ -222,10 +242,14 @@ def file_lock(path: str | Path) -> Iterator[None]:
 
 class ExclusiveLock:
     """A non-blocking lock file: a second process that wants the same folder fails at once with
-    `error(message)` instead of interleaving writes. Released on exit, and by the OS on a crash."""
+    `error(message)` instead of interleaving writes. Released on exit, and by the OS on a crash.
 
-    def __init__(self, path: Path, error: type[Exception], message: str) -> None:
+    heartbeat_s: also touch the file every heartbeat_s seconds while held, so that processes that
+    cannot take the lock themselves (the other ranks of a run) can tell a live holder from a dead one."""
+
+    def __init__(self, path: Path, error: type[Exception], message: str, heartbeat_s: Optional[float] = None) -> None:
         self.path, self.error, self.message, self.handle = Path(path), error, message, None
+        self.heartbeat_s, self.stopped = heartbeat_s, threading.Event()
 
     def __enter__(self) -> "ExclusiveLock":
         self.handle = open(self.path, "w")
@@ -236,8 +260,18 @@ class ExclusiveLock:
             raise self.error(self.message) from None
         self.handle.write(str(os.getpid()))
         self.handle.flush()
+        if self.heartbeat_s:
+            threading.Thread(target=self._beat, name=f"heartbeat {self.path}", daemon=True).start()
         return self
 
+    def _beat(self) -> None:
+        while not self.stopped.wait(self.heartbeat_s):
+            try:
+                os.utime(self.path)
+            except OSError:  # a vanished lock file must not end the run; the watchers then time out
+                pass
+
     def __exit__(self, *exc) -> None:
+        self.stopped.set()
         fcntl.flock(self.handle, fcntl.LOCK_UN)
         self.handle.close()

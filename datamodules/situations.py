@@ -65,7 +65,11 @@ def load_situations(path: str | Path, personas: PersonaSet, on_bad_line: str = "
         first_line[item.id] = lineno
         return item
 
-    return parse_jsonl(path, parse, on_bad_line, "situation")
+    items = parse_jsonl(path, parse, on_bad_line, "situation")
+    if not items:  # every stage would go on with nothing (the router ended in torch.cat([]))
+        why = "every line was invalid and skipped (data.on_bad_line=skip)" if on_bad_line == "skip" else "the file is empty"
+        raise DataError(f"{path}: no situations: {why}")
+    return items
 
 
 def parse_situation(record: dict, personas: PersonaSet, where: str) -> Situation:
@@ -144,6 +148,16 @@ def split_situations(
         out["val"] += ranked[n_test : n_test + n_val]
         out["train"] += ranked[n_test + n_val :]
     return {name: sorted(group, key=lambda s: s.id) for name, group in out.items()}
+
+
+def require_split(splits: dict[str, list[Situation]], name: str, stage: str, path: str | Path) -> list[Situation]:
+    """The named split; an empty one fails naming the stage, the split and the file, instead of a
+    stage training or testing on nothing."""
+    if not splits[name]:
+        sizes = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+        raise DataError(f"{stage}: the '{name}' split of {path} is empty ({sizes}): add situations or change "
+                        "data.val_fraction / data.test_fraction")
+    return splits[name]
 
 
 def _round_half_up(x: float) -> int:

@@ -63,9 +63,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by the user's input: reported in one line, no traceback."""
     from datamodules.io import DataError
     from experiments.config import ConfigError
-    from experiments.pipeline import PipelineLocked
+    from experiments.pipeline import PipelineLocked, RankWaitTimeout
 
-    return (ConfigError, DataError, PipelineLocked, FileNotFoundError)
+    return (ConfigError, DataError, PipelineLocked, RankWaitTimeout, FileNotFoundError)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -82,14 +82,14 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     run.add_argument("--rerun", metavar="STAGE", default=None,
                      help="redo STAGE and every later stage although they finished under this config "
-                          "(their old outputs are kept as <stage>.superseded-<hash>)")
+                          "(their old outputs are kept as <stage>.superseded-<hash>[-N], never replaced)")
     run.set_defaults(handler=_cmd_run)
 
     reset = sub.add_parser("reset", help="set a stage and every later stage aside, so the next run redoes them",
                            description="Move the outputs of STAGE and every later stage of the config to "
-                                       "<stage>.superseded-<hash>; the next `personafuse run` redoes them in new "
-                                       "MLflow runs. Use it before a launcher that starts every rank (torchrun, srun), "
-                                       "where `run --rerun` is refused.")
+                                       "<stage>.superseded-<hash>[-N] (never replacing an earlier copy); the next "
+                                       "`personafuse run` redoes them in new MLflow runs. Use it before a launcher "
+                                       "that starts every rank (torchrun, srun), where `run --rerun` is refused.")
     reset.add_argument("stage", metavar="STAGE", help="the first stage to redo, e.g. evaluate")
     reset.add_argument("config", help="experiment YAML, e.g. experiments/quickstart.yaml")
     reset.add_argument("overrides", nargs="*", help="key=value overrides the run uses (output_dir among them)")

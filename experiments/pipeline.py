@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +25,16 @@ PARENT_RUN_ENV = "PERSONAFUSE_PARENT_RUN_ID"
 """Environment variable naming the MLflow run a NEW pipeline run becomes a child of (set by `personafuse sweep`)."""
 
 
+RANK_WAIT_ENV = "PERSONAFUSE_RANK_WAIT_S"
+"""Environment variable: seconds a rank other than 0 waits for rank 0 to show life before it stops (default 300)."""
+
+
 class PipelineLocked(RuntimeError):
     """Another pipeline is writing to the same output folder."""
+
+
+class RankWaitTimeout(RuntimeError):
+    """A rank other than 0 stopped waiting: rank 0 showed no sign of life (it died, or never started)."""
 
 
 @dataclass
@@ -146,8 +153,8 @@ def reset_stages(cfg: ExperimentConfig, stage: str) -> list[str]:
     new MLflow runs. Returns the stages whose outputs were moved.
 
     Later stages go too because they were computed from the earlier stages' outputs. Each folder
-    becomes `<stage>.superseded-<hash>`, as after a config change (replacing an older copy with
-    that name)."""
+    becomes `<stage>.superseded-<hash>` (or `-2`, `-3`, ... when that name is taken), as after a
+    config change; no earlier copy is ever replaced."""
     redo = stages_from(cfg, stage)
     out = Path(cfg.output_dir)
     if global_rank() != 0 or not out.is_dir():
@@ -171,9 +178,27 @@ def _ranks_started_by_launcher() -> bool:
 
 
 def _pipeline_lock(out: Path) -> ExclusiveLock:
+    """Rank 0's lock on the output folder; touched every few seconds, it is also how the other ranks see rank 0 alive."""
+    heartbeat_s = _heartbeat_s(_rank_wait_s())  # a bad PERSONAFUSE_RANK_WAIT_S fails before anything is written
     out.mkdir(parents=True, exist_ok=True)
     message = f"another pipeline is running on {out} (lock {out / '.lock'}); wait for it or choose another output_dir"
-    return ExclusiveLock(out / ".lock", PipelineLocked, message)
+    return ExclusiveLock(out / ".lock", PipelineLocked, message, heartbeat_s=heartbeat_s)
+
+
+def _rank_wait_s() -> float:
+    raw = os.environ.get(RANK_WAIT_ENV, "300")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigError(f"environment variable {RANK_WAIT_ENV}: a number of seconds > 0 is required, got '{raw}'")
+    return value
+
+
+def _heartbeat_s(wait_s: float) -> float:
+    """Several touches per wait, so a slow shared filesystem or a busy rank 0 is not taken for a dead one."""
+    return min(10.0, wait_s / 4)
 
 
 def _set_aside_all(out: Path, stages: Sequence[str]) -> list[str]:
@@ -212,11 +237,40 @@ def _run_follower(cfg: ExperimentConfig, out: Path, poll_s: float = 1.0) -> dict
 
 
 def _wait_for(path: Path, ready: Callable[[dict], bool], poll_s: float) -> dict:
+    """The stage state once `ready`; stops with RankWaitTimeout when rank 0 (which writes it) looks dead."""
+    rank0 = _Rank0Watch(path.parent.parent / ".lock", _rank_wait_s())
     while True:
         state = read_json(path) or {}
         if ready(state):
             return state
+        rank0.check(path)
         time.sleep(poll_s)
+
+
+class _Rank0Watch:
+    """Rank 0 touches its lock file while it runs (`_pipeline_lock`), even while it works alone for hours
+    (an HTTP teacher, the judge). A wait that sees no touch for timeout_s means rank 0 was killed, or
+    failed before taking the lock; without this check the other ranks polled forever."""
+
+    def __init__(self, lock: Path, timeout_s: float) -> None:
+        self.lock, self.timeout_s = lock, timeout_s
+        self.seen, self.since = self._mtime(), time.monotonic()
+
+    def _mtime(self) -> Optional[int]:
+        try:
+            return self.lock.stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+
+    def check(self, waiting_for: Path) -> None:
+        mtime = self._mtime()
+        if mtime != self.seen:  # compared with its last value, not the clock: nodes' clocks may differ
+            self.seen, self.since = mtime, time.monotonic()
+        elif time.monotonic() - self.since > self.timeout_s:
+            raise RankWaitTimeout(
+                f"rank {global_rank()}: stage '{waiting_for.parent.name}': gave up waiting for {waiting_for} after rank 0 "
+                f"showed no sign of life for {self.timeout_s:g} s (its lock {self.lock} was not touched): rank 0 has "
+                f"died or never started; see its log. {RANK_WAIT_ENV} sets the wait")
 
 
 def _run_locked(cfg: ExperimentConfig, out: Path) -> dict[str, dict[str, Any]]:
@@ -267,12 +321,20 @@ def _run_stage(cfg, stage, h, out, uri, exp_id, parent, results) -> dict[str, An
 def _set_aside(stage_dir: Path, old_hash: str, why: str = "config changed since its last run") -> None:
     """Move a stage folder out of the way (kept, not deleted), so its checkpoints and caches are not
     resumed by a run whose settings differ or that was asked to start over."""
-    kept = stage_dir.with_name(f"{stage_dir.name}.superseded-{old_hash[:8]}")
-    if kept.exists():
-        shutil.rmtree(kept)
+    kept = _unused_name(stage_dir.with_name(f"{stage_dir.name}.superseded-{old_hash[:8]}"))
     stage_dir.rename(kept)
     stage_dir.mkdir()
     console.print(f"[yellow]{stage_dir.name}[/]: {why}; its old outputs are in {kept}")
+
+
+def _unused_name(path: Path) -> Path:
+    """`path`, else `path-2`, `path-3`, ...: the first free name, so a second rerun (or a config toggled
+    back and forth, which gives the same hash again) never replaces an earlier kept folder."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
 
 
 def _resume_or_start(state_file: Path, uri: str, exp_id: str, name: str, tags: dict[str, str]) -> str:

@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
+from datamodules.io import DataError
 from datamodules.personas import load_personas
 from datamodules.sft import IGNORE_INDEX, PersonaSFTDataModule, SFTRecord, load_sft_records, persona_example_records
 from lightning_modules.common import (
-    adamw, best_checkpoint, build_trainer, gathered_parameters, last_checkpoint, persona_model_factory, seed_everything,
-    zero3_model_init,
+    adamw, best_checkpoint, build_trainer, gathered_parameters, last_checkpoint, persona_model_factory,
+    refusing_unsafe_checkpoint, seed_everything, zero3_model_init,
 )
 
 
@@ -102,9 +103,11 @@ def train_experts(ctx, records: list[SFTRecord], expert_names: Sequence[str]) ->
                             keep_best=VAL_LOSS if sft.export == "best" else None)
     resume = last_checkpoint(ctx.stage_dir)
     before = {} if resume else _val_losses(trainer.validate(module, datamodule=data, verbose=False))
-    trainer.fit(module, datamodule=data, ckpt_path=resume)
+    with refusing_unsafe_checkpoint(resume):
+        trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
     exported = _exported_checkpoint(trainer) if sft.export == "best" else None  # None: the last step's weights
-    after = _val_losses(trainer.validate(module, datamodule=data, ckpt_path=exported, verbose=False))
+    with refusing_unsafe_checkpoint(exported):
+        after = _val_losses(trainer.validate(module, datamodule=data, ckpt_path=exported, weights_only=True, verbose=False))
     adapters = ctx.stage_dir / "adapters"
     experts = [p for layer in module.model.persona_layers() for p in (layer.lora_A, layer.lora_B)]
     with gathered_parameters(trainer.strategy, experts):  # ZeRO-3: whole experts on every rank
@@ -142,6 +145,9 @@ def sft_records(ctx, personas) -> list[SFTRecord]:
         records += load_sft_records(source, personas.ids, ctx.cfg.data.on_bad_line)  # resolved at config load
     if sft.include_persona_examples or source == "persona_examples":
         records += persona_example_records(personas)
+    if not records:
+        raise DataError(f"adapter_sft: no training examples: {source} holds no pole responses and "
+                        "adapter_sft.include_persona_examples is false")
     return records
 
 

@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import MLFlowLogger
 
+from datamodules.io import DataError
 from lightning_modules.strategies import STRATEGIES
 
 if TYPE_CHECKING:
@@ -233,6 +234,25 @@ def last_checkpoint(stage_dir: Path) -> Optional[str]:
     """The checkpoint to resume from, if an earlier attempt of this stage saved one."""
     last = stage_dir / "checkpoints" / "last.ckpt"
     return str(last) if last.exists() else None  # a folder under DeepSpeed, a file otherwise
+
+
+@contextmanager
+def refusing_unsafe_checkpoint(path: Optional[str]) -> Iterator[None]:
+    """Around a Trainer call given `ckpt_path=path, weights_only=True`: a checkpoint that holds anything
+    but tensors and plain containers (a planted or tampered file) is refused in one line naming it,
+    where torch < 2.6, which pyproject allows, would have unpickled it and run what it names.
+
+    DeepSpeed checkpoint folders are read by DeepSpeed's own loader (weights_only=False as of
+    DeepSpeed 0.19); this guard does not cover them (README, Reliability)."""
+    import pickle
+
+    try:
+        yield
+    except pickle.UnpicklingError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "")  # names what it holds
+        raise DataError(f"{path}: refused to load this checkpoint: it holds more than tensors and plain values "
+                        f"({reason[:200]}); delete it to start the stage over") from None
 
 
 def seed_everything(seed: int) -> None:

@@ -126,6 +126,9 @@ def run(ctx) -> dict:
     corpus = load_situations(corpus_path, personas, cfg.data.on_bad_line)
     splits = split_situations(corpus, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
     selected = select_items(_split_items(splits, cfg.datagen.split), cfg.datagen.limit, cfg.datagen.seed)
+    if not selected:
+        raise DataError(f"datagen: no situations to generate for: split '{cfg.datagen.split}' of {corpus_path} "
+                        f"with datagen.limit={cfg.datagen.limit} selects none")
     prompts = PromptSet.load(cfg.datagen.prompt_file, cfg.datagen.prompts)
     curated, no_record = None, []
     if cfg.datagen.teacher.kind == "curated":  # data, not a model: read before hashing, to know what it covers

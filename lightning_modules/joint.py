@@ -20,7 +20,9 @@ from datamodules.io import DataError, iter_jsonl, require_keys
 from datamodules.loaders import train_loader
 from datamodules.personas import PersonaSet, load_personas
 from datamodules.sft import IGNORE_INDEX, SFTDataset, collate
-from lightning_modules.common import adamw, build_trainer, last_checkpoint, load_experts, seed_everything
+from lightning_modules.common import (
+    adamw, build_trainer, last_checkpoint, load_experts, refusing_unsafe_checkpoint, seed_everything,
+)
 from lightning_modules.components.personafuse import assemble_folder
 from lightning_modules.components.router import router_loss, save_router
 
@@ -130,7 +132,8 @@ def run(ctx) -> dict:
                             find_unused_parameters=True)  # the router's contrastive head when that loss is off
     resume = last_checkpoint(ctx.stage_dir)
     before = None if resume else _lm_loss(trainer.validate(module, loaders[1], verbose=False))
-    trainer.fit(module, loaders[0], loaders[1], ckpt_path=resume)
+    with refusing_unsafe_checkpoint(resume):
+        trainer.fit(module, loaders[0], loaders[1], ckpt_path=resume, weights_only=True)
     after = _lm_loss(trainer.validate(module, loaders[1], verbose=False))
     return _export(ctx, module.fuse, personas, {"lm_loss_before": before, "lm_loss_after": after, "steps": int(trainer.global_step)})
 

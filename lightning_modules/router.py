@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from datamodules.io import atomic_write_bytes, config_hash, to_container
 from datamodules.loaders import train_loader
 from datamodules.personas import load_personas
-from datamodules.situations import Situation, load_situations, split_situations
+from datamodules.situations import Situation, load_situations, require_split, split_situations
 from lightning_modules.common import build_trainer, seed_everything
 from lightning_modules.components.personafuse import assemble_folder
 from lightning_modules.components.router import GateSettings, Router, build_encoder, router_loss, save_router
@@ -132,6 +132,8 @@ def run(ctx) -> dict:
     personas = load_personas(cfg.personas.file)
     items = load_situations(cfg.data.situations, personas, cfg.data.on_bad_line)
     splits = split_situations(items, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
+    for needed in ("train", "test"):  # it trains on one and reports the other
+        require_split(splits, needed, "router", cfg.data.situations)
     ordered = [s for name in ("train", "val", "test") for s in splits[name]]
     emb = cached_embeddings(ctx, ordered)
     labels = torch.tensor([personas.label_vector(s.label, s.id) for s in ordered])

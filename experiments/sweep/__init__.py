@@ -16,7 +16,8 @@ its own output folder `<sweep output>/trial-<hash of its resolved overrides>`; i
 a child of the sweep run (through PERSONAFUSE_PARENT_RUN_ID). Trial status lives in
 `<sweep output>/sweep_state.json`, written atomically: a relaunch skips trials that finished with
 the same resolved config, reruns failed or interrupted ones (the pipeline resumes their stages)
-and reattaches to SLURM jobs that are still queued or running.
+and reattaches to SLURM jobs that are still queued or running, and to local trial processes that
+a killed (`kill -9`) sweep process left running (recorded by pid, start time and host).
 
 SLURM: one job per trial, or one job array (`array: true`). A job has `nodes` x `gpus_per_node`
 tasks, one per GPU as Lightning's SLURM support expects, and the trial gets the matching

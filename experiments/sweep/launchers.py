@@ -1,14 +1,18 @@
 """Where trials run: `local` subprocesses or `slurm` jobs through submitit, and their --dry-run previews.
 
 A launcher has `poll_s`, `capacity(total)`, `trial_overrides()`, `launch(trials, env)` -> handles,
-`reattach(record)`, `preview(trials, env)` and `stop(handles)`; a handle has `job_id`, `done()` and
-`outcome()` -> (ok, error).
+`reattach(record)`, `preview(trials, env)` and `stop(handles)`; a handle has `job_id`, `record()`
+(what sweep_state.json keeps to find it again), `done()` and `outcome()` -> (ok, error), or None
+when the launcher cannot know how the trial ended (then the sweep runs it again to find out).
 """
 from __future__ import annotations
 
 import os
 import shlex
+import signal
+import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -51,9 +55,20 @@ class LocalLauncher:
             handles.append(LocalHandle(proc, trial.log_file))
         return handles
 
-    def reattach(self, record: dict) -> None:
-        """A local trial does not outlive its sweep process: an unfinished one is rerun."""
-        return None
+    def reattach(self, record: dict) -> Optional["OrphanHandle"]:
+        """A trial process that an earlier launch started and that still runs (that launch was killed
+        with -9 and could not stop it) is waited for, not started a second time on the same folder.
+        None for a trial whose process is gone: it is run again and resumes."""
+        pid, host = record.get("pid"), record.get("host")
+        if not pid:
+            return None
+        if host != socket.gethostname():
+            console.print(f"[yellow]warning[/]: {record.get('output_dir')} was started on {host}, where this sweep "
+                          "cannot see whether it still runs; starting it again (its pipeline lock refuses a second run)")
+            return None
+        if process_started(pid) != record.get("pid_started"):  # gone, or the pid now belongs to another process
+            return None
+        return OrphanHandle(pid, record["pid_started"])
 
     def preview(self, trials: list[Trial], env: dict[str, str]) -> str:
         prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
@@ -67,9 +82,26 @@ class LocalLauncher:
             handle.terminate()
 
 
+def process_started(pid: int) -> Optional[float]:
+    """When process `pid` started, or None when no such process runs (a zombie counts as ended). With the
+    pid it identifies one process: a pid the OS has reused since has another start time."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        return None if proc.status() == psutil.STATUS_ZOMBIE else round(proc.create_time(), 2)
+    except psutil.Error:
+        return None
+
+
 class LocalHandle:
     def __init__(self, proc: subprocess.Popen, log: Path) -> None:
         self.proc, self.log, self.job_id = proc, log, None
+
+    def record(self) -> dict:
+        """The process's identity, so a relaunch after this sweep process is killed can find it running."""
+        return {"job_id": None, "pid": self.proc.pid, "host": socket.gethostname(),
+                "pid_started": process_started(self.proc.pid)}
 
     def done(self) -> bool:
         return self.proc.poll() is not None
@@ -90,6 +122,34 @@ class LocalHandle:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class OrphanHandle:
+    """A trial process started by an earlier, killed launch of this sweep (so not this process's child).
+    Its exit code cannot be read, so outcome() is None: the sweep then runs the trial again, which
+    skips the stages it finished and reports the real result."""
+
+    def __init__(self, pid: int, started: float) -> None:
+        self.pid, self.started, self.job_id = pid, started, None
+
+    def describe(self) -> str:
+        return f"process {self.pid}, left running by an earlier launch of this sweep"
+
+    def done(self) -> bool:
+        return process_started(self.pid) != self.started
+
+    def outcome(self) -> None:
+        return None
+
+    def terminate(self) -> None:
+        """SIGTERM, then SIGKILL after 20 s, like LocalHandle (it is not a child: poll instead of wait)."""
+        for sig, grace in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 5.0)):
+            if self.done():
+                return
+            os.kill(self.pid, sig)
+            deadline = time.monotonic() + grace
+            while not self.done() and time.monotonic() < deadline:
+                time.sleep(0.2)
 
 
 class SlurmLauncher:
@@ -190,6 +250,12 @@ class SlurmLauncher:
 class SlurmHandle:
     def __init__(self, job) -> None:
         self.job, self.job_id = job, str(job.job_id)
+
+    def record(self) -> dict:
+        return {"job_id": self.job_id}
+
+    def describe(self) -> str:
+        return f"SLURM job {self.job_id}"
 
     def done(self) -> bool:
         return self.job.done()

@@ -97,7 +97,8 @@ class _Runner:
         self.bar.update(1)
 
     def _reattach(self) -> dict[str, Any]:
-        """Jobs an earlier launch left queued or running (SLURM) are followed, not resubmitted."""
+        """Jobs an earlier launch left queued or running (SLURM jobs; local trial processes that outlived a
+        killed sweep process) are followed, not started a second time."""
         out = {}
         for trial_id, record in self.state.trials.items():
             if record.get("status") == RUNNING:
@@ -124,7 +125,7 @@ class _Runner:
                 self._say(f"{trial.id} already finished ({trial.describe()}) — skipped")
             elif trial.id in self.reattached:
                 self.running[trial.id] = (trial, self.reattached.pop(trial.id))
-                self._say(f"{trial.id} following SLURM job {self.running[trial.id][1].job_id}")
+                self._say(f"{trial.id} following {self.running[trial.id][1].describe()}")
             else:
                 batch.append(trial)
         self._launch(batch)
@@ -137,7 +138,7 @@ class _Runner:
         for trial, handle in zip(trials, handles):
             attempts = self.state.trials.get(trial.id, {}).get("attempts", 0) + 1
             self.state.update(trial, status=RUNNING, attempts=attempts, started=time.time(), ended=None,
-                              job_id=handle.job_id, error=None, objective=None)
+                              error=None, objective=None, **handle.record())
             self.running[trial.id] = (trial, handle)
             self._say(f"{trial.id} started ({trial.describe()}), attempt {attempts}"
                       + (f", SLURM job {handle.job_id}" if handle.job_id else f", log {trial.log_file}"))
@@ -150,11 +151,16 @@ class _Runner:
                 self._tag(trial)
         for trial_id in ended:
             trial, handle = self.running.pop(trial_id)
-            self._finish(trial, handle)
+            outcome = handle.outcome()
+            if outcome is None:  # an earlier launch's process ended unobserved: a rerun reports its real result
+                self._say(f"{trial.id}: {handle.describe()} has ended; running the trial again to collect its result "
+                          "(stages it finished are skipped)")
+                self._launch([trial])
+            else:
+                self._finish(trial, *outcome)
         return bool(ended)
 
-    def _finish(self, trial: Trial, handle) -> None:
-        ok, error = handle.outcome()
+    def _finish(self, trial: Trial, ok: bool, error: str) -> None:
         run_id = self._tag(trial)
         value = None
         if ok:
