@@ -75,7 +75,7 @@ def judge_downstream(ctx, factory, systems: list[str]) -> dict[str, dict[str, fl
     items = downstream_items(cfg)
     if not items:
         return {}
-    replies = {s: _replies(ctx, factory, s, items) for s in systems}
+    replies = _replies(ctx, factory, systems, items)
     judge = build_teacher(cfg.evaluate.judge.teacher, cfg.model)
     jc = cfg.evaluate.judge.teacher
     out: dict[str, dict[str, float]] = {}
@@ -86,14 +86,22 @@ def judge_downstream(ctx, factory, systems: list[str]) -> dict[str, dict[str, fl
     return out
 
 
-def _replies(ctx, factory, system: str, items) -> list[str]:
-    path = ctx.stage_dir / "downstream" / f"{system}.json"
-    cached = read_json(path)
-    if cached is not None:
-        return cached
-    texts = factory(system).generate([s.conversation() for s in items], ctx.cfg.evaluate.judge.reply_max_new_tokens)
-    atomic_write_text(path, json.dumps(texts))
-    return texts
+def _replies(ctx, factory, systems: list[str], items) -> dict[str, list[str]]:
+    """Each system's replies, cached per system; the systems not yet cached generate together
+    (evaluate.batch_systems) or one after another."""
+    path = lambda system: ctx.stage_dir / "downstream" / f"{system}.json"  # noqa: E731
+    replies = {s: read_json(path(s)) for s in systems}
+    todo = [s for s in systems if replies[s] is None]
+    convs, tokens = [s.conversation() for s in items], ctx.cfg.evaluate.judge.reply_max_new_tokens
+    if len(todo) > 1 and ctx.cfg.evaluate.batch_systems:
+        from lightning_modules.components.system_batch import SystemBatch
+
+        fresh = SystemBatch({s: factory(s) for s in todo}, ctx.cfg.evaluate.batch_size).generate(convs, tokens)
+    else:
+        fresh = {s: factory(s).generate(convs, tokens) for s in todo}
+    for system, texts in fresh.items():
+        atomic_write_text(path(system), json.dumps(texts))
+    return {**replies, **fresh}
 
 
 def _judge_system(judge, jc, items, replies, base_replies, pairwise: bool) -> list[dict]:

@@ -172,6 +172,12 @@ class SystemBatch:
         results = Lockstep().run([worker] * len(names), lambda requests: self._answer(names, requests))
         return dict(zip(names, results))
 
+    def generate(self, conversations: Sequence[list[dict]], max_new_tokens: int) -> dict[str, list[str]]:
+        """Every system's replies to the same conversations, in merged calls (one round, no threads)."""
+        requests = {name: Request("generate", list(conversations), max_new_tokens=max_new_tokens) for name in self.systems}
+        answers = self._merged("generate", requests, list(range(len(requests))))
+        return {name: answers[i][0] for i, name in enumerate(requests)}
+
     def _answer(self, names: list[str], requests: dict[int, Request]) -> dict[int, tuple]:
         """Answer one round of requests: generation grouped by length, option scoring grouped."""
         groups: dict[tuple, list[int]] = {}

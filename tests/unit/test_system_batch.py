@@ -109,3 +109,14 @@ def test_lockstep_raises_the_first_error_and_stops_every_worker(where):
         Lockstep().run([worker] * 3, answer)
     assert finished == []
     assert not [t for t in threading.enumerate() if t.name.startswith("system-")]
+
+
+def test_batched_replies_equal_each_system_alone(tiny_model):
+    """The judge's downstream replies: every system answers the same conversations in merged calls."""
+    systems = _systems(tiny_model)
+    convs = [[{"role": "user", "content": "My landlord ignores the broken heating."}],
+             [{"role": "user", "content": "I failed my driving test again."}]]
+    with torch.inference_mode():
+        together = SystemBatch(systems, batch_size=4).generate(convs, 8)
+        assert together == {name: chat.generate(convs, 8) for name, chat in systems.items()}
+    assert len(set(map(tuple, together.values()))) > 1  # the systems do differ
