@@ -63,7 +63,7 @@ def test_interrupted_pipeline_whose_store_was_deleted_starts_fresh_runs(tmp_path
     from experiments.pipeline import stage_hash
 
     cfg = load_config(ROOT / "experiments/smoke.yaml", _cmd(out, uri)[5:])
-    stale = {"hash": stage_hash(cfg, "adapter_sft", []), "run_id": "f" * 32, "complete": False}
+    stale = {"hash": stage_hash(cfg, "adapter_sft", {}), "run_id": "f" * 32, "complete": False}
     (out / "adapter_sft" / "state.json").write_text(json.dumps(stale))
     done = subprocess.run(_cmd(out, uri), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
