@@ -62,7 +62,9 @@ def write_experiment(folder: Path, inputs: Path, out: Path, store: Path | None =
         "model": {"name_or_path": "tiny-random-llama"},
         "personas": {"file": str(personas)},
         "data": {"situations": str(situations), "val_fraction": 0.25, "test_fraction": 0.25},
-        "datagen": {"analysis_max_new_tokens": 16, "parse_retries": 1, "teacher": teacher, **datagen},
+        # a random model writes no acceptable reply: these tests check the plumbing, not the data
+        "datagen": {"analysis_max_new_tokens": 16, "parse_retries": 1, "teacher": teacher, "min_accepted_fraction": 0.0,
+                    **datagen},
         "trainer": {"accelerator": "cpu", "devices": 1},
         "tracking": {"tracking_uri": f"sqlite:///{store or folder / 'mlflow.db'}"},
     }
