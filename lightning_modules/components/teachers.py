@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from datamodules.io import ConfigError
+from datamodules.redaction import redact
 
 Conversation = list[dict[str, str]]
 
@@ -57,7 +58,7 @@ class LocalTeacher:
 
     @property
     def id(self) -> str:
-        return f"local:{self.name}"
+        return _public_id("local", self.name, None)
 
     def generate(
         self, conversations: Sequence[Conversation], max_new_tokens: int, temperature: float = 0.0, seed: int = 0
@@ -132,7 +133,7 @@ class OpenAITeacher:
 
     @property
     def id(self) -> str:
-        return f"openai:{self.model}@{public_url(self.base_url.rstrip('/'))}"
+        return _public_id("openai", self.model, self.base_url.rstrip("/"))
 
     def generate(
         self, conversations: Sequence[Conversation], max_new_tokens: int, temperature: float = 0.0, seed: int = 0
@@ -228,6 +229,12 @@ def public_url(url: str) -> str:
     return f"{parsed.scheme}://{parsed.host}{port}{parsed.path}".rstrip("/")
 
 
+def _public_id(kind: str, model: str, url: Optional[str]) -> str:
+    """kind:model[@endpoint], as written into records, cards and tags: no credentials, and no value
+    that came from the environment (redact)."""
+    return redact(f"{kind}:{model}" + (f"@{public_url(url)}" if url else ""))
+
+
 # --------------------------------------------------------------------------- factory
 
 
@@ -235,8 +242,8 @@ def teacher_id(cfg: Any, default_model: Any) -> str:
     """The id a teacher built from cfg will have, without loading it (for hashes and records):
     kind:model, plus @endpoint for a teacher reached over HTTP."""
     if cfg.base_url:  # a served model: the endpoint (without credentials) is part of its identity
-        return f"{cfg.kind}:{cfg.model}@{public_url(cfg.base_url)}"
-    return f"{cfg.kind}:{cfg.model or default_model.name_or_path}"
+        return _public_id(cfg.kind, cfg.model, cfg.base_url)
+    return _public_id(cfg.kind, cfg.model or default_model.name_or_path, None)
 
 
 def build_teacher(cfg: Any, default_model: Any, section: str = "datagen.teacher"):
