@@ -110,8 +110,9 @@ def redact_params(params: dict[str, str]) -> dict[str, str]:
 
 
 def end_run_tree(uri: str, exp_id: str, root: str, status: str) -> None:
-    """Mark `root` and every descendant still RUNNING (stage runs, per-system runs) as `status`
-    (FAILED or KILLED), so MLflow shows what a failure or an interrupt ended; a rerun reopens them."""
+    """Mark `root` and every descendant that did not finish (stage runs, per-system runs) as `status`
+    (FAILED or KILLED), so MLflow shows what a failure or an interrupt ended; a rerun reopens them.
+    A FAILED run is overwritten too: Lightning's MLFlowLogger marks its run FAILED on Ctrl-C."""
     import mlflow
 
     client = mlflow.MlflowClient(uri)
@@ -121,7 +122,7 @@ def end_run_tree(uri: str, exp_id: str, root: str, status: str) -> None:
         seen.add(run_id)
         children = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{run_id}'", max_results=1000)
         todo += [c.info.run_id for c in children if c.info.run_id not in seen]
-        if client.get_run(run_id).info.status == "RUNNING":
+        if client.get_run(run_id).info.status != "FINISHED":
             client.set_terminated(run_id, status)
 
 

@@ -150,13 +150,16 @@ class OpenAITeacher:
     async def _generate_all(self, conversations, max_new_tokens, temperature, seed) -> list[Generation]:
         import httpx
 
-        key = os.environ.get(self.api_key_env, "")
+        key = os.environ.get(self.api_key_env, "") if self.api_key_env else ""
         headers = {"Authorization": f"Bearer {key}"} if key else {}
+        # What a careless server may echo back into an error text: the key, and the Basic
+        # credentials httpx derives from user:password@ in the URL (it sends those instead of the key).
+        secrets = [s for s in (key, _basic_credentials(self.base_url)) if s]
         semaphore = asyncio.Semaphore(self.max_concurrency)
         limits = httpx.Limits(max_connections=self.max_concurrency)
         async with httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=self.timeout_s, limits=limits) as client:
             jobs = [
-                self._one(client, semaphore, self._payload(conv, max_new_tokens, temperature, derive_seed(seed, i)), key)
+                self._one(client, semaphore, self._payload(conv, max_new_tokens, temperature, derive_seed(seed, i)), secrets)
                 for i, conv in enumerate(conversations)
             ]
             return list(await asyncio.gather(*jobs))
@@ -164,7 +167,7 @@ class OpenAITeacher:
     def _payload(self, conv: Conversation, max_new_tokens: int, temperature: float, seed: int) -> dict:
         return {"model": self.model, "messages": conv, "max_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
 
-    async def _one(self, client, semaphore: asyncio.Semaphore, payload: dict, key: str) -> Generation:
+    async def _one(self, client, semaphore: asyncio.Semaphore, payload: dict, secrets: list[str]) -> Generation:
         """One item: retry what may pass on a retry, then report why it failed instead of raising."""
         failure = _Failure("not attempted", False)
         for attempt in range(self.max_retries + 1):
@@ -178,7 +181,9 @@ class OpenAITeacher:
             delay = self.backoff_s * 2**attempt
             await asyncio.sleep(max(delay, min(failure.retry_after or 0.0, 60.0)))
         reason = f"{failure.reason} (after {attempt + 1} attempt(s))"
-        return Generation("", 0, finished=False, error=reason.replace(key, "<redacted>") if key else reason)
+        for secret in secrets:
+            reason = reason.replace(secret, "<redacted>")
+        return Generation("", 0, finished=False, error=redact(reason))
 
     async def _attempt(self, client, payload: dict) -> Generation | _Failure:
         import httpx
@@ -218,6 +223,18 @@ def _retry_after(value: Optional[str]) -> Optional[float]:
         return float(value) if value is not None else None
     except ValueError:
         return None
+
+
+def _basic_credentials(url: str) -> str:
+    """The base64 token of a URL's user:password, as an Authorization: Basic header carries it."""
+    import base64
+
+    import httpx
+
+    parsed = httpx.URL(url)
+    if not (parsed.username or parsed.password):
+        return ""
+    return base64.b64encode(f"{parsed.username}:{parsed.password}".encode()).decode()
 
 
 def public_url(url: str) -> str:
