@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from datamodules.io import Registry
-from lightning_modules.components.registries import ENCODERS, GATES, TEACHERS
+from lightning_modules.components.registries import DATAGEN_NOT_CONTENT, ENCODERS, GATES, TEACHERS
 from lightning_modules.evaluate_systems import SYSTEMS
 from lightning_modules.strategies import STRATEGIES
 
@@ -50,9 +50,7 @@ class StageInputs:
 _TRAINING = ("seed", "model", "personas", "data.on_bad_line", "lora", "trainer")
 # A stage missing here depends on the whole config and on every earlier stage (always safe).
 STAGE_INPUTS = {
-    "datagen": StageInputs(("model", "personas", "data", "datagen"), (), tuple(
-        f"datagen.{k}" for k in ("teacher.max_concurrency", "teacher.timeout_s", "teacher.max_retries",
-                                 "teacher.backoff_s", "min_accepted_fraction", "max_error_fraction"))),
+    "datagen": StageInputs(("model", "personas", "data", "datagen"), (), tuple(f"datagen.{k}" for k in DATAGEN_NOT_CONTENT)),
     "adapter_sft": StageInputs((*_TRAINING, "adapter_sft"), ("datagen",)),
     "sft_baseline": StageInputs((*_TRAINING, "adapter_sft"), ("datagen",)),
     "router": StageInputs((*_TRAINING, "data", "router"), ("adapter_sft",)),

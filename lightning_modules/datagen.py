@@ -42,14 +42,13 @@ from datamodules.situations import (
 )
 from lightning_modules.components.persona_cot import REASONS, PersonaCoT, PromptSet, error_reason
 from lightning_modules.components.curated_teacher import CuratedPersonaCoT, CuratedTeacher
+from lightning_modules.components.registries import DATAGEN_NOT_CONTENT
 from lightning_modules.components.teachers import build_teacher, derive_seed, teacher_id
 
 if TYPE_CHECKING:  # annotations only: stages get typed config sections, never import experiments/
     from experiments.config import ExperimentConfig
 
 SCHEMA_VERSION = 1
-# Transport settings change how a request is sent, not what is generated: not part of the cache key.
-_TRANSPORT_KEYS = ("max_concurrency", "timeout_s", "max_retries", "backoff_s")
 
 
 # --------------------------------------------------------------------------- items cache
@@ -219,8 +218,9 @@ def _file_digest(path: Path) -> str:
 def datagen_hash(cfg: ExperimentConfig, personas_path: Path, corpus_path: Path, prompts: PromptSet, curated=None) -> str:
     """What the generated records depend on: datagen settings, prompt texts, teacher model, inputs' bytes."""
     datagen = to_container(cfg.datagen)
-    for key in _TRANSPORT_KEYS:
-        datagen["teacher"].pop(key)
+    for key in DATAGEN_NOT_CONTENT:
+        section, _, leaf = key.rpartition(".")
+        (datagen[section] if section else datagen).pop(leaf)
     datagen["prompts"] = prompts.templates
     datagen.pop("prompt_file")
     payload = {
