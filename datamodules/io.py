@@ -4,7 +4,7 @@
   the old file or the new one, never half of one. JSONL readers report bad lines as file:line.
 - Locks, the console, `did_you_mean`, `project_root`.
 - `Registry`, the one name -> builder mechanism (see experiments/registry.py for the registries).
-- The error types: `ConfigError`, `DataError`.
+- The error types: `ConfigError`, `DataError`, `StageFailed`.
 """
 from __future__ import annotations
 
@@ -41,6 +41,11 @@ class ConfigError(ValueError):
 
 class DataError(ValueError):
     """Bad input data, with the file (and line) it comes from."""
+
+
+class StageFailed(RuntimeError):
+    """A stage ran but its result is not fit to build on (e.g. the teacher did not answer): exit 1,
+    the stage's MLflow run FAILED and its state incomplete, so the rerun continues it."""
 
 
 def project_root() -> Path:

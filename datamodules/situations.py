@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.io import DataError, atomic_write_text, parse_jsonl
 from datamodules.personas import PersonaSet
+from datamodules.redaction import redact
 
 SPLITS = ("train", "val", "test")
 _ROLES = {"system", "user", "assistant"}
@@ -208,13 +209,15 @@ def _unwrap(batch: list) -> tuple[int, list[Situation]]:
 
 
 class SituationsDataModule(L.LightningDataModule):
-    """Fixed batches over the id-sorted items; `only` restricts the loop to some batch indices (resume).
+    """Fixed batches over the id-sorted items; `only` (batch index -> situations) restricts the loop
+    to some batches, or to some situations of a batch (resume, retry).
 
     Under DDP, Lightning's predict sampler deals whole batches to ranks, so several GPUs split the
     situations and each batch keeps its index (its seed).
     """
 
-    def __init__(self, items: Sequence[Situation], batch_size: int, only: Optional[set[int]] = None) -> None:
+    def __init__(self, items: Sequence[Situation], batch_size: int,
+                 only: Optional[dict[int, list[Situation]]] = None) -> None:
         super().__init__()
         if batch_size < 1:
             raise DataError(f"batch size must be >= 1, got {batch_size}")
@@ -228,7 +231,9 @@ class SituationsDataModule(L.LightningDataModule):
         return [(i // size, self.items[i : i + size]) for i in range(0, len(self.items), size)]
 
     def pending(self) -> list[tuple[int, list[Situation]]]:
-        return [b for b in self.batches() if self.only is None or b[0] in self.only]
+        if self.only is None:
+            return self.batches()
+        return [(index, self.only[index]) for index, _ in self.batches() if index in self.only]
 
     def predict_dataloader(self) -> DataLoader:
         batches = self.pending()
@@ -264,7 +269,7 @@ def write_dataset_card(
     lines += [f"- **{name}**: {value}" for name, value in provenance.items()]
     for heading, body in (notes or {}).items():
         lines += ["", f"## {heading}", "", body.strip()]
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, redact("\n".join(lines) + "\n"))  # cards quote config values: no credential
 
 
 def _flat_counts(counts: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:

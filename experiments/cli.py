@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import subprocess
 import sys
 
@@ -25,14 +26,20 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
+    from datamodules.io import StageFailed
+    from datamodules.redaction import redact
+
     try:
         return args.handler(args) or 0
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: rerun the same command to resume")
         return 130
     except _user_errors() as err:
-        console.print(f"[bold red]error:[/] {escape(str(err))}")  # messages quote user text: no markup
+        console.print(f"[bold red]error:[/] {escape(redact(str(err)))}")  # messages quote user text: no markup
         return 2
+    except StageFailed as err:
+        console.print(f"[bold red]failed:[/] {escape(redact(str(err)))}")
+        return 1
     except Exception as err:
         full = _disk_full(err)
         if full is None:
@@ -79,7 +86,10 @@ def _build_parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("config", help="experiment YAML, e.g. experiments/quickstart.yaml")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=3")
-    run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    run.add_argument("--print-config", action="store_true", help="print the resolved config (credentials masked) and exit")
+    run.add_argument("--plan", action="store_true",
+                     help="check the whole config, then say for each stage whether it would skip, resume or run, "
+                          "and why; runs and writes nothing")
     run.add_argument("--rerun", metavar="STAGE", default=None,
                      help="redo STAGE and every later stage although they finished under this config "
                           "(their old outputs are kept as <stage>.superseded-<hash>[-N], never replaced)")
@@ -168,10 +178,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(cfg))
         return 0
-    from experiments.pipeline import run_pipeline
+    from experiments.pipeline import plan, run_pipeline
+    from experiments.validation import preflight
 
+    if args.plan:
+        preflight(cfg)
+        for step in plan(cfg, args.rerun):
+            print(f"{step.stage:<13} {step.action:<7} {step.why}")
+        return 0
+    # A scheduler's SIGTERM (SLURM preemption, `kill`) ends the run like Ctrl-C: runs KILLED, resumable.
+    signal.signal(signal.SIGTERM, _interrupt)
     run_pipeline(cfg, rerun=args.rerun)
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _cmd_reset(args: argparse.Namespace) -> int:

@@ -7,6 +7,8 @@ Stages receive the typed section they need, never the whole config.
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -15,6 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from datamodules.io import ConfigError, config_hash, did_you_mean, project_root, to_container  # noqa: F401 (re-exported)
+from datamodules.redaction import redact, remember_secret
+from experiments.validation import check_ranges
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -151,6 +155,10 @@ class DatagenConfig:
     """Ask the teacher to confirm that each pole response expresses its pole."""
     seed: int = 0
     """Sampling seed."""
+    min_accepted_fraction: float = 0.05
+    """The stage fails when fewer of its replies pass the filters: a broken teacher or prompt, not data to train on (ours)."""
+    max_error_fraction: float = 0.1
+    """The stage fails when more replies got no answer from the teacher (down, timing out); the rerun retries only those items (ours)."""
 
 
 @dataclass
@@ -331,14 +339,27 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     merged = OmegaConf.structured(ExperimentConfig)
     merged = _merge_yaml(merged, path)
     merged = _merge_overrides(merged, list(overrides), str(path))
+    _remember_env_values(merged)
     try:
         OmegaConf.resolve(merged)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _explain(err, str(path)) from None
     _check_registered(cfg, str(path))
+    check_ranges(cfg, str(path))
     _resolve_paths(cfg)
     return cfg
+
+
+_ENV_INTERPOLATION = re.compile(r"\$\{oc\.env:([^,}]+)")
+
+
+def _remember_env_values(merged: DictConfig) -> None:
+    """Values that `${oc.env:VAR}` brings in are secrets by assumption (that is how a key is passed
+    without writing it down): every text written from here on masks them (see datamodules/redaction.py)."""
+    raw = json.dumps(OmegaConf.to_container(merged, resolve=False))
+    for name in _ENV_INTERPOLATION.findall(raw):
+        remember_secret(os.environ.get(name.strip()))
 
 
 DATA_SOURCE_WORDS = ("auto", "persona_examples")
@@ -450,7 +471,8 @@ def _check_curated_teacher(cfg: ExperimentConfig, source: str) -> None:
 
 
 def to_yaml(cfg: Any) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
+    """The resolved config as YAML, credentials masked: what is printed and saved with a run."""
+    return redact(OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True))
 
 
 def flatten(data: dict, prefix: str = "") -> dict[str, str]:

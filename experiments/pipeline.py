@@ -1,8 +1,10 @@
 """Run the stages a config lists, as one MLflow parent run with one child run per stage.
 
-Each stage writes `<output_dir>/<stage>/state.json` when it completes, holding the hash of the
-config it ran with (and of the stages before it). A rerun skips a stage whose hash is unchanged,
-and continues the same MLflow child run when a stage was interrupted.
+Each stage writes `<output_dir>/<stage>/state.json` when it completes, holding its hash: the
+settings it reads (registry.STAGE_INPUTS) and the hashes of the earlier stages whose outputs it
+consumes. A rerun skips a stage whose hash is unchanged (so an evaluation setting redoes evaluation
+alone), and continues the same MLflow child run when a stage was interrupted. `plan` says, without
+writing anything, which stages a run would skip, resume or run, and why.
 """
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ from rich.console import Console
 
 from experiments import registry, tracking
 from experiments.config import ConfigError, ExperimentConfig, config_hash, flatten, to_container, to_yaml
+from experiments.validation import preflight
 from datamodules.io import ExclusiveLock, atomic_write_text, did_you_mean, read_json
+from datamodules.redaction import redact, strip_credentials
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -94,7 +98,7 @@ class StageContext:
         import mlflow
 
         client = mlflow.MlflowClient(self.tracking_uri)
-        for key, value in tags.items():
+        for key, value in redact(tags).items():
             client.set_tag(self.run_id, key, value)
 
 
@@ -103,12 +107,50 @@ def _metric_key(key: str) -> str:
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
 
 
-def stage_hash(cfg: ExperimentConfig, stage: str, upstream: list[str]) -> str:
-    """What a stage's result depends on: the whole resolved config minus tracking, and its upstream hashes."""
-    payload = to_container(cfg)
-    for key in ("tracking", "stages", "name", "output_dir"):
-        payload.pop(key, None)
-    return config_hash({"stage": stage, "config": payload, "upstream": upstream})
+@dataclass(frozen=True)
+class StageKey:
+    """What a stage's result depends on, and its hash: settings it reads -> digest of each value,
+    and the hashes of the earlier stages it consumes (kept in state.json to say what changed)."""
+
+    stage: str
+    inputs: dict[str, str]
+    upstream: dict[str, str]
+
+    @property
+    def hash(self) -> str:
+        return config_hash({"stage": self.stage, "inputs": self.inputs, "upstream": self.upstream})
+
+
+def stage_key(cfg: ExperimentConfig, stage: str, earlier: dict[str, str]) -> StageKey:
+    """The settings `stage` reads and the hashes of the `earlier` stages (id -> hash) it consumes.
+    Credentials in URLs are not settings (a rotated password must not redo a stage) and are left out."""
+    flat = flatten(to_container(cfg))
+    spec = registry.STAGE_INPUTS.get(stage)
+    if spec is None:  # an unlisted stage depends on everything before it
+        keep = {k: v for k, v in flat.items() if k.split(".")[0] not in ("tracking", "stages", "name", "output_dir")}
+        return StageKey(stage, _digests(keep), dict(earlier))
+    keep = {k: v for k, v in flat.items() if _under(k, spec.reads) and not _under(k, spec.ignores)}
+    return StageKey(stage, _digests(keep), {s: h for s, h in earlier.items() if s in spec.consumes})
+
+
+def _under(key: str, prefixes: Sequence[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _digests(flat: dict[str, str]) -> dict[str, str]:
+    return {k: config_hash(strip_credentials(v)) for k, v in sorted(flat.items())}
+
+
+def stage_keys(cfg: ExperimentConfig) -> list[StageKey]:
+    """Every configured stage's key, in order."""
+    keys: list[StageKey] = []
+    for stage in cfg.stages:
+        keys.append(stage_key(cfg, stage, {k.stage: k.hash for k in keys}))
+    return keys
+
+
+def stage_hash(cfg: ExperimentConfig, stage: str, earlier: dict[str, str]) -> str:
+    return stage_key(cfg, stage, earlier).hash
 
 
 # Stages whose Trainer spans every process of a multi-device run (datagen and evaluate: under DDP
@@ -135,6 +177,7 @@ def run_pipeline(cfg: ExperimentConfig, rerun: Optional[str] = None) -> dict[str
         registry.STAGES.get(stage)  # fail before writing anything if a stage is not available
     redo = stages_from(cfg, rerun) if rerun else []
     out = Path(cfg.output_dir)
+    preflight(cfg)  # every input, benchmark and endpoint setting, before the first stage
     if global_rank() != 0:
         return _run_follower(cfg, out)  # rank 0 set the stages aside before it launched this rank
     if redo and _ranks_started_by_launcher():
@@ -220,9 +263,8 @@ def _run_follower(cfg: ExperimentConfig, out: Path, poll_s: float = 1.0) -> dict
     """
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
     results: dict[str, dict[str, Any]] = {}
-    hashes: list[str] = []
-    for stage in cfg.stages:
-        h = stage_hash(cfg, stage, hashes)
+    for key in stage_keys(cfg):
+        stage, h = key.stage, key.hash
         state_file = out / stage / "state.json"
         state = _wait_for(state_file, lambda st: st.get("hash") == h and (stage in DISTRIBUTED_STAGES or st.get("complete")), poll_s)
         if not state.get("complete"):
@@ -232,7 +274,6 @@ def _run_follower(cfg: ExperimentConfig, out: Path, poll_s: float = 1.0) -> dict
             # later stages read this one's outputs (paths, stats) as rank 0 recorded them
             state = _wait_for(state_file, lambda st: st.get("hash") == h and st.get("complete"), poll_s)
         results[stage] = state["result"]
-        hashes.append(h)
     return results
 
 
@@ -281,17 +322,21 @@ def _run_locked(cfg: ExperimentConfig, out: Path) -> dict[str, dict[str, Any]]:
     tracking.log_params(uri, parent, flatten(to_container(cfg)))
     _log_file(uri, parent, out / "config.yaml")
     results: dict[str, dict[str, Any]] = {}
-    hashes: list[str] = []
-    for stage in cfg.stages:
-        h = stage_hash(cfg, stage, hashes)
-        results[stage] = _run_stage(cfg, stage, h, out, uri, exp_id, parent, results)
-        hashes.append(h)
+    try:
+        for key in stage_keys(cfg):
+            results[key.stage] = _run_stage(cfg, key, out, uri, exp_id, parent, results)
+    except BaseException as err:
+        # Lightning turns Ctrl-C / SIGTERM during fit into SystemExit(1): both are interrupts.
+        interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
+        tracking.end_run_tree(uri, exp_id, parent, "KILLED" if interrupted else "FAILED")
+        raise
     _finish(uri, parent)
     console.print(f"[bold green]done[/] — MLflow runs: {tracking.runs_url(exp_id)}  (open with `personafuse ui`)")
     return results
 
 
-def _run_stage(cfg, stage, h, out, uri, exp_id, parent, results) -> dict[str, Any]:
+def _run_stage(cfg, key: StageKey, out, uri, exp_id, parent, results) -> dict[str, Any]:
+    stage, h = key.stage, key.hash
     stage_dir = out / stage
     stage_dir.mkdir(parents=True, exist_ok=True)
     state_file = stage_dir / "state.json"
@@ -300,22 +345,64 @@ def _run_stage(cfg, stage, h, out, uri, exp_id, parent, results) -> dict[str, An
         console.print(f"[cyan]{stage}[/]: unchanged since its last run — skipped ({state_file})")
         return state["result"]
     if state.get("hash") != h:
-        if state:  # config changed: a fresh MLflow run, not a continuation, and no stale checkpoints or caches
-            _set_aside(stage_dir, state.get("hash", "unknown"))
+        if state:  # its inputs changed: a fresh MLflow run, not a continuation, and no stale checkpoints or caches
+            _set_aside(stage_dir, state.get("hash", "unknown"), f"config changed since its last run ({what_changed(state, key)})")
         state = {}
     tags = {**_base_tags(cfg, stage), "stage_hash": h}
     run_id = state.get("run_id")
     if not (run_id and tracking.reopen_run(uri, exp_id, run_id)):
         run_id = tracking.start_run(uri, exp_id, stage, tags, parent)
-    atomic_write_text(state_file, json.dumps({"hash": h, "run_id": run_id, "complete": False}))
+    record = {"hash": h, "run_id": run_id, "inputs": key.inputs, "upstream": key.upstream}
+    atomic_write_text(state_file, json.dumps({**record, "complete": False}))
     ctx = StageContext(cfg, stage, stage_dir, out, uri, exp_id, run_id, dict(results))
     console.rule(f"[bold]{stage}")
     started = time.time()
     result = registry.STAGES.get(stage)(ctx) or {}
     ctx.log_metrics({f"{stage}/wall_time_s": time.time() - started})
     _finish(uri, run_id)
-    atomic_write_text(state_file, json.dumps({"hash": h, "run_id": run_id, "complete": True, "result": result}))
+    atomic_write_text(state_file, json.dumps({**record, "complete": True, "result": result}))
     return result
+
+
+def what_changed(state: dict, key: StageKey) -> str:
+    """The settings and upstream stages whose hash differs from a stage's last run, in one phrase."""
+    if "inputs" not in state:
+        return "recorded before per-setting tracking; what changed is not known"
+    old, new = state["inputs"], key.inputs
+    settings = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    upstream = sorted(s for s in state.get("upstream", {}).keys() | key.upstream.keys()
+                      if state.get("upstream", {}).get(s) != key.upstream.get(s))
+    parts = ([f"settings: {', '.join(settings)}"] if settings else []) + ([f"redone upstream: {', '.join(upstream)}"] if upstream else [])
+    return "; ".join(parts) or "its code's stage hash changed"
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    stage: str
+    action: str
+    """skip, resume or run."""
+    why: str
+
+
+def plan(cfg: ExperimentConfig, rerun: Optional[str] = None) -> list[StagePlan]:
+    """What `run_pipeline(cfg, rerun)` would do with each stage, and why; reads state files, writes nothing."""
+    redo = set(stages_from(cfg, rerun)) if rerun else set()
+    out = Path(cfg.output_dir)
+    steps: list[StagePlan] = []
+    for key in stage_keys(cfg):
+        state = read_json(out / key.stage / "state.json") or {}
+        if key.stage in redo and state:
+            steps.append(StagePlan(key.stage, "run", "--rerun: redone in a new MLflow run, old outputs set aside"))
+        elif not state:
+            steps.append(StagePlan(key.stage, "run", f"no earlier run in {out / key.stage}"))
+        elif state.get("hash") != key.hash:
+            steps.append(StagePlan(key.stage, "run", f"config changed since its last run ({what_changed(state, key)}); "
+                                                     "old outputs set aside"))
+        elif state.get("complete"):
+            steps.append(StagePlan(key.stage, "skip", "unchanged since its last run"))
+        else:
+            steps.append(StagePlan(key.stage, "resume", f"interrupted; continues MLflow run {state.get('run_id')}"))
+    return steps
 
 
 def _set_aside(stage_dir: Path, old_hash: str, why: str = "config changed since its last run") -> None:

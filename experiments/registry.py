@@ -11,10 +11,11 @@ Entries are `module:attribute` strings where importing the target would pull in 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from datamodules.io import Registry
-from lightning_modules.components.registries import ENCODERS, GATES, TEACHERS
+from lightning_modules.components.registries import DATAGEN_NOT_CONTENT, ENCODERS, GATES, TEACHERS
 from lightning_modules.evaluate_systems import SYSTEMS
 from lightning_modules.strategies import STRATEGIES
 
@@ -32,7 +33,33 @@ STAGES.add("joint", "lightning_modules.joint:run", "optional low-lr joint tuning
 STAGES.add("router", "lightning_modules.router:run", "train the router on situation activation labels")
 STAGES.add("sft_baseline", "lightning_modules.adapter_sft:run_sft_baseline", "one LoRA on all fused responses (SFT baseline)")
 
-__all__ = ["BENCHMARKS", "ENCODERS", "GATES", "LAUNCHERS", "STAGES", "STRATEGIES", "SYSTEMS", "TEACHERS"]
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    """What a stage's result depends on, so that a rerun redoes only the stages a change touches."""
+
+    reads: tuple[str, ...]
+    """Config sections or dotted settings the stage reads (it reads nothing else)."""
+    consumes: tuple[str, ...] = ()
+    """Earlier stages whose outputs it reads (when they are in `stages`)."""
+    ignores: tuple[str, ...] = ()
+    """Settings under `reads` that cannot change its result (transport, pass/fail thresholds)."""
+
+
+_TRAINING = ("seed", "model", "personas", "data.on_bad_line", "lora", "trainer")
+# A stage missing here depends on the whole config and on every earlier stage (always safe).
+STAGE_INPUTS = {
+    "datagen": StageInputs(("model", "personas", "data", "datagen"), (), tuple(f"datagen.{k}" for k in DATAGEN_NOT_CONTENT)),
+    "adapter_sft": StageInputs((*_TRAINING, "adapter_sft"), ("datagen",)),
+    "sft_baseline": StageInputs((*_TRAINING, "adapter_sft"), ("datagen",)),
+    "router": StageInputs((*_TRAINING, "data", "router"), ("adapter_sft",)),
+    "joint": StageInputs((*_TRAINING, "router", "joint", "adapter_sft.val_fraction"), ("datagen", "adapter_sft", "router")),
+    "evaluate": StageInputs((*_TRAINING, "data", "evaluate", "datagen.teacher.replies"),
+                            ("adapter_sft", "sft_baseline", "router", "joint")),
+}
+
+__all__ = ["BENCHMARKS", "ENCODERS", "GATES", "LAUNCHERS", "STAGES", "STAGE_INPUTS", "STRATEGIES", "SYSTEMS", "TEACHERS"]
 
 
 def __getattr__(name: str) -> Any:

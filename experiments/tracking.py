@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from datamodules.io import file_lock
-
-SECRET_HINTS = ("key", "token", "secret", "password")
+from datamodules.redaction import is_secret_key, redact
 
 
 def resolve_tracking_uri(configured: Optional[str] = None) -> str:
@@ -79,7 +78,7 @@ def start_run(
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     client = mlflow.MlflowClient(tracking_uri)
-    all_tags = {**tags}
+    all_tags = redact(dict(tags))
     if parent_run_id:
         all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
     run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
@@ -104,14 +103,27 @@ def reopen_run(uri: str, exp_id: str, run_id: str) -> bool:
     return True
 
 
-def redact(params: dict[str, str]) -> dict[str, str]:
-    """Drop values of keys that look like secrets; config never holds keys, this is a second fence."""
-    return {k: ("<redacted>" if _is_secret_key(k) else v) for k, v in params.items()}
+def redact_params(params: dict[str, str]) -> dict[str, str]:
+    """Values of secret-looking keys dropped (config never holds keys: a second fence), and every
+    value redacted (URL credentials, values from the environment)."""
+    return {k: ("<redacted>" if is_secret_key(k) else redact(v)) for k, v in params.items()}
 
 
-def _is_secret_key(key: str) -> bool:
-    leaf = key.rsplit(".", 1)[-1].lower()
-    return any(h in leaf for h in SECRET_HINTS) and not leaf.endswith("_env")
+def end_run_tree(uri: str, exp_id: str, root: str, status: str) -> None:
+    """Mark `root` and every descendant that did not finish (stage runs, per-system runs) as `status`
+    (FAILED or KILLED), so MLflow shows what a failure or an interrupt ended; a rerun reopens them.
+    A FAILED run is overwritten too: Lightning's MLFlowLogger marks its run FAILED on Ctrl-C."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    todo, seen = [root], set()
+    while todo:
+        run_id = todo.pop()
+        seen.add(run_id)
+        children = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{run_id}'", max_results=1000)
+        todo += [c.info.run_id for c in children if c.info.run_id not in seen]
+        if client.get_run(run_id).info.status != "FINISHED":
+            client.set_terminated(run_id, status)
 
 
 def log_params(tracking_uri: str, run_id: str, params: dict[str, str]) -> None:
@@ -120,7 +132,7 @@ def log_params(tracking_uri: str, run_id: str, params: dict[str, str]) -> None:
     from mlflow.entities import Param
 
     client = mlflow.MlflowClient(tracking_uri)
-    items = [Param(k, v[:6000]) for k, v in redact(params).items()]
+    items = [Param(k, v[:6000]) for k, v in redact_params(params).items()]
     already = client.get_run(run_id).data.params
     items = [p for p in items if p.key not in already]  # a resumed run re-logs nothing
     for start in range(0, len(items), 100):

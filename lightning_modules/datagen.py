@@ -9,7 +9,13 @@ The steps (cues and ratings, one reply per pole, a fused reply, filters, optiona
 
 Resumable: batches are fixed over the id-sorted items and seeded from (seed, batch index); each
 finished situation is written to items/<id>.json, so a rerun after a crash regenerates only batches
-with a missing item and the final files are byte-identical to an uninterrupted run.
+with a missing item and the final files are byte-identical to an uninterrupted run. An item the
+teacher did not answer (`generation_error`: down, timing out, refusing the key) is not done: the
+rerun generates it, and only it, again. Items rejected by the quality filters are done.
+
+Honest: the stage fails (StageFailed, exit 1) when more than `max_error_fraction` of the replies got
+no answer, or fewer than `min_accepted_fraction` passed the filters; the outputs are still written
+for inspection, but the stage stays incomplete so later stages never train on them.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ from typing import TYPE_CHECKING, Optional
 import lightning as L
 import torch
 
-from datamodules.io import ConfigError, DataError, atomic_write_text, config_hash, read_json, to_container, write_jsonl
+from datamodules.io import ConfigError, DataError, StageFailed, atomic_write_text, config_hash, read_json, to_container, write_jsonl
 from datamodules.persona_replies import refuse_held_out
 from datamodules.personas import PersonaSet, load_personas
 from datamodules.situations import (
@@ -36,14 +42,13 @@ from datamodules.situations import (
 )
 from lightning_modules.components.persona_cot import REASONS, PersonaCoT, PromptSet, error_reason
 from lightning_modules.components.curated_teacher import CuratedPersonaCoT, CuratedTeacher
+from lightning_modules.components.registries import DATAGEN_NOT_CONTENT
 from lightning_modules.components.teachers import build_teacher, derive_seed, teacher_id
 
 if TYPE_CHECKING:  # annotations only: stages get typed config sections, never import experiments/
     from experiments.config import ExperimentConfig
 
 SCHEMA_VERSION = 1
-# Transport settings change how a request is sent, not what is generated: not part of the cache key.
-_TRANSPORT_KEYS = ("max_concurrency", "timeout_s", "max_retries", "backoff_s")
 
 
 # --------------------------------------------------------------------------- items cache
@@ -71,8 +76,22 @@ def read_item(items_dir: Path, item_id: str, chash: str) -> Optional[dict]:
     return record if record and record.get("config_hash") == chash else None
 
 
-def pending_batches(data: SituationsDataModule, items_dir: Path, chash: str) -> set[int]:
-    return {index for index, items in data.batches() if any(read_item(items_dir, s.id, chash) is None for s in items)}
+def is_done(record: Optional[dict]) -> bool:
+    """Cached and answered: an item the teacher did not answer (a transient failure) is retried."""
+    return record is not None and "generation_error" not in record["flags"]
+
+
+def pending_batches(data: SituationsDataModule, items_dir: Path, chash: str) -> dict[int, list[Situation]]:
+    """Batch index -> what to generate: a batch with a missing item whole (so a resumed run is
+    byte-identical to an uninterrupted one), else only its items that the teacher did not answer."""
+    todo = {}
+    for index, items in data.batches():
+        records = [read_item(items_dir, s.id, chash) for s in items]
+        if any(r is None for r in records):
+            todo[index] = items
+        elif not all(map(is_done, records)):
+            todo[index] = [s for s, r in zip(items, records) if not is_done(r)]
+    return todo
 
 
 class DatagenModule(L.LightningModule):
@@ -99,7 +118,7 @@ class DatagenModule(L.LightningModule):
         generated = self.cot.run_batch(situations, derive_seed(self.seed, "batch", index))
         written = 0
         for situation, gen in zip(situations, generated):
-            if read_item(self.items_dir, situation.id, self.config_hash) is None:
+            if not is_done(read_item(self.items_dir, situation.id, self.config_hash)):
                 record = make_record(situation, gen, self.splits[situation.id], self.config_hash, self.cot.teacher.id)
                 atomic_write_text(self.items_dir / f"{situation.id}.json", json.dumps(record, ensure_ascii=False))
                 written += 1
@@ -153,7 +172,25 @@ def run(ctx) -> dict:
     if missing:
         raise RuntimeError(f"datagen finished without items for {', '.join(missing[:5])} (in {items_dir})")
     stats["skipped_no_record"] = len(no_record)
-    return _write_outputs(ctx, records, splits, personas, chash, stats)
+    result = _write_outputs(ctx, records, splits, personas, chash, stats)
+    check_quality(result["summary"], cfg.datagen, ctx.stage_dir / "summary.json")
+    return result
+
+
+def check_quality(summary: dict, dcfg, where: Path) -> None:
+    """Fail the stage when the teacher did not answer or its replies are not data to train on."""
+    if summary["error_rate"] > dcfg.max_error_fraction:
+        raise StageFailed(
+            f"datagen: {summary['errors']} of {summary['responses']} teacher replies got no answer "
+            f"({summary['error_rate']:.0%} > datagen.max_error_fraction={dcfg.max_error_fraction}; first: "
+            f"{summary['first_error']}). The {summary['retry_items']} item(s) concerned are not cached as done: "
+            "fix the teacher and rerun the same command to generate only them again.")
+    if summary["acceptance_rate"] < dcfg.min_accepted_fraction:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary["rejected"].items(), key=lambda kv: -kv[1]) if v)
+        raise StageFailed(
+            f"datagen: only {summary['accepted']} of {summary['responses']} replies passed the quality filters "
+            f"({summary['acceptance_rate']:.1%} < datagen.min_accepted_fraction={dcfg.min_accepted_fraction}; "
+            f"rejected: {reasons}); see {where}. Lower the minimum to train on this data anyway.")
 
 
 def _covered(selected: list[Situation], teacher: CuratedTeacher, splits: dict[str, str], on_missing: str):
@@ -184,8 +221,9 @@ def _file_digest(path: Path) -> str:
 def datagen_hash(cfg: ExperimentConfig, personas_path: Path, corpus_path: Path, prompts: PromptSet, curated=None) -> str:
     """What the generated records depend on: datagen settings, prompt texts, teacher model, inputs' bytes."""
     datagen = to_container(cfg.datagen)
-    for key in _TRANSPORT_KEYS:
-        datagen["teacher"].pop(key)
+    for key in DATAGEN_NOT_CONTENT:
+        section, _, leaf = key.rpartition(".")
+        (datagen[section] if section else datagen).pop(leaf)
     datagen["prompts"] = prompts.templates
     datagen.pop("prompt_file")
     payload = {
@@ -254,6 +292,7 @@ def summarise(records: list[dict], stats: dict) -> dict:
             reason = error_reason(r["teacher_label_error"])
             rejected[reason] = rejected.get(reason, 0) + 1
     accepted = sum(e["accepted"] for e in entries + fused)
+    errors = [e.get("error") for e in entries + fused if "generation_error" in e["flags"]]
     return {
         "items": len(records),
         "responses": len(entries) + len(fused),
@@ -264,6 +303,10 @@ def summarise(records: list[dict], stats: dict) -> dict:
         "analysis_parse_rate": sum(r["teacher_label"] is not None for r in records) / max(1, len(records)),
         "teacher_label_mae": _label_mae(records),
         "rejected": rejected,
+        "errors": len(errors),
+        "error_rate": len(errors) / max(1, len(entries) + len(fused)),
+        "first_error": next((e for e in errors if e), None),
+        "retry_items": sum(not is_done(r) for r in records),
         "tokens_generated": sum(r["tokens_generated"] for r in records),
         "skipped_no_record": stats.get("skipped_no_record", 0),
         "this_run": {"items_written": stats["written"], "tokens": stats["tokens"], "seconds": round(stats["seconds"], 3),
@@ -295,7 +338,7 @@ def _write_outputs(ctx, records, splits, personas, chash, stats) -> dict:
 
 
 def _log(ctx, summary: dict, paths: list[Path]) -> None:
-    metrics = {f"datagen/{k}": summary[k] for k in ("items", "acceptance_rate", "pole_acceptance_rate",
+    metrics = {f"datagen/{k}": summary[k] for k in ("items", "acceptance_rate", "error_rate", "pole_acceptance_rate",
                "fused_acceptance_rate", "analysis_parse_rate", "tokens_generated")}
     metrics.update({f"datagen/rejected/{k}": v for k, v in summary["rejected"].items()})
     metrics.update({"datagen/sft_rows": summary["rows"]["sft"], "datagen/joint_rows": summary["rows"]["joint"],

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.io import atomic_write_text, read_json, write_jsonl
+from datamodules.io import ConfigError, DataError, atomic_write_text, did_you_mean, read_json, write_jsonl
 from datamodules.personas import BIG_FIVE, load_personas
 from lightning_modules.common import load_experts
 from lightning_modules.evaluate_systems import SYSTEMS, SystemSpec
@@ -103,14 +103,15 @@ def build_benchmarks(ecfg, cfg=None) -> dict:
     out = {}
     for name, bcfg in ecfg.benchmarks.items():
         if name in BENCHMARKS:
-            out[name] = BENCHMARKS.get(name)(ecfg.data_root, bcfg.limit, bcfg.seed, **bcfg.options)
+            out[name] = _builtin(BENCHMARKS.get(name), name, bcfg, ecfg.data_root)
         elif name in yaml_benchmarks:
             bench = yaml_benchmarks[name]
             bench.limit, bench.seed = bcfg.limit, bcfg.seed
             out[name] = bench
         else:
             known = sorted(set(BENCHMARKS) | set(yaml_benchmarks))
-            raise KeyError(f"evaluate.benchmarks: unknown benchmark '{name}' (known: {', '.join(known)})")
+            raise ConfigError(f"key 'evaluate.benchmarks.{name}': unknown benchmark '{name}'{did_you_mean(name, known)} "
+                              f"(known: {', '.join(known)})")
     if "persona_expression" in out:
         from lightning_modules.evaluate_persona import bind_persona_expression
 
@@ -118,6 +119,40 @@ def build_benchmarks(ecfg, cfg=None) -> dict:
             raise ValueError("persona_expression needs the experiment config: build_benchmarks(ecfg, cfg)")
         bind_persona_expression(out["persona_expression"], cfg)
     return out
+
+
+def _builtin(cls, name: str, bcfg, data_root):
+    """A built-in benchmark; an option its constructor does not take is a config error naming it."""
+    import inspect
+
+    accepted = [p for p in inspect.signature(cls).parameters if p not in ("data_root", "limit", "seed")]
+    for option in bcfg.options:
+        if option not in accepted:
+            raise ConfigError(f"key 'evaluate.benchmarks.{name}.options.{option}': {name} has no option '{option}'"
+                              f"{did_you_mean(option, accepted)} (options: {', '.join(accepted) or 'none'})")
+    return cls(data_root, bcfg.limit, bcfg.seed, **bcfg.options)
+
+
+def check_evaluation(cfg, stages: list[str]) -> None:
+    """Before any stage runs: every benchmark is known, takes its options and has its data; every
+    system's stages come earlier in `stages`."""
+    check_systems(cfg.evaluate.systems, stages[: stages.index("evaluate")] if "evaluate" in stages else stages)
+    for name, bench in build_benchmarks(cfg.evaluate, cfg).items():
+        try:
+            bench.load_items()
+        except DataError as err:
+            raise ConfigError(f"key 'evaluate.benchmarks.{name}': {err}") from None
+
+
+def check_systems(systems: list[str], stages) -> None:
+    """Fail before any work if a system needs a stage the pipeline does not run before evaluate."""
+    for name in systems:
+        spec: SystemSpec = SYSTEMS.get(name)
+        needs = [spec.adapters] if spec.adapters else []
+        needs += ["router"] if spec.needs_router or spec.gates in ("uniform", "oracle") else []
+        missing = [s for s in dict.fromkeys(needs) if s not in stages]
+        if missing:
+            raise ConfigError(f"key 'evaluate.systems': system '{name}' needs stage(s) {missing} earlier in `stages`")
 
 
 class SystemFactory:
@@ -134,17 +169,6 @@ class SystemFactory:
         self.stack_sft = any(SYSTEMS.get(s).adapters == "sft_baseline" for s in systems)
         self._shared = None
         self._fuse = None
-
-    def check(self, systems: list[str]) -> None:
-        """Fail before any work if a system needs a stage the pipeline did not run."""
-        for name in systems:
-            spec: SystemSpec = SYSTEMS.get(name)
-            needs = [spec.adapters] if spec.adapters else []
-            needs += ["router"] if spec.needs_router or spec.gates in ("uniform", "oracle") else []
-            needs = list(dict.fromkeys(needs))
-            missing = [s for s in needs if s not in self.ctx.outputs]
-            if missing:
-                raise RuntimeError(f"system '{name}' needs stage(s) {missing} earlier in `stages`")
 
     def __call__(self, name: str) -> ChatModel:
         spec: SystemSpec = SYSTEMS.get(name)
@@ -216,8 +240,8 @@ class _RouteOnce:
 
 def run(ctx) -> dict:
     ecfg = ctx.cfg.evaluate
+    check_systems(ecfg.systems, list(ctx.outputs))
     factory = SystemFactory(ctx, ecfg.systems)
-    factory.check(ecfg.systems)
     benchmarks = build_benchmarks(ecfg, ctx.cfg)
     groups = [list(ecfg.systems)] if ecfg.batch_systems else [[s] for s in ecfg.systems]
     jobs = [EvalJob(g, b) for g in groups for b in benchmarks]

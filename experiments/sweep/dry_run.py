@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from datamodules.redaction import redact
 from experiments.config import ConfigError, load_config
 from experiments.sweep.plans import FixedPlan, TPEPlan, sampled_params
 from experiments.sweep.schema import Sweep
@@ -22,7 +23,7 @@ def dry_run_text(sweep: Sweep, plan, launcher) -> str:
     if isinstance(plan, TPEPlan):
         head.append(f"tpe: the first {len(trials)} trial(s) below come from the seeded sampler; later ones depend on results")
     tail = "dry run: nothing submitted, no folder or MLflow run created"
-    return "\n".join(head + ["", launcher.preview(trials, env), "", tail])
+    return redact("\n".join(head + ["", launcher.preview(trials, env), "", tail]))  # commands quote overrides
 
 
 def display_uri(sweep: Sweep) -> str:

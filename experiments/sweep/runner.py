@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from rich.console import Console
 
 from datamodules.io import atomic_write_text
+from datamodules.redaction import redact
 from experiments import registry, tracking
 from experiments.config import flatten, load_config
 from experiments.sweep.dry_run import dry_run_text
@@ -186,7 +187,7 @@ class _Runner:
             return run_id
         tags = {"sweep": self.sweep.name, "sweep.trial": trial.id, "sweep.overrides": json.dumps(trial.varied)}
         tags.update({f"sweep.param.{k}": format_value(v)[:5000] for k, v in trial.params.items()})
-        for key, value in tags.items():
+        for key, value in redact(tags).items():
             self.client.set_tag(run_id, key, value)
         self.client.update_run(run_id, name=trial.id)
         self.tagged.add(run_id)
@@ -222,7 +223,7 @@ def _resume_or_start_parent(sweep: Sweep, state: SweepState, uri: str, exp_id: s
     structured = OmegaConf.structured(spec)
     tracking.log_params(uri, run_id, flatten(OmegaConf.to_container(structured, resolve=True)))
     spec_file = sweep.folder / "sweep.yaml"
-    atomic_write_text(spec_file, OmegaConf.to_yaml(structured))
+    atomic_write_text(spec_file, redact(OmegaConf.to_yaml(structured)))
     client.log_artifact(run_id, str(spec_file))
     state.data.update(run_id=run_id, tracking_uri=uri, experiment_id=exp_id, sweep=sweep.name)
     state.save()

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 from datamodules.io import Registry
 
+DATAGEN_NOT_CONTENT = ("teacher.max_concurrency", "teacher.timeout_s", "teacher.max_retries", "teacher.backoff_s",
+                       "min_accepted_fraction", "max_error_fraction")
+"""Settings of the datagen section that cannot change what is generated (transport, pass/fail
+thresholds): the item cache and the stage hash leave them out, so changing one redoes nothing."""
+
 TEACHERS = Registry("teacher")
 GATES = Registry("gate normalisation")
 ENCODERS = Registry("router encoder")

@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from datamodules.io import ConfigError
+from datamodules.redaction import redact
 
 Conversation = list[dict[str, str]]
 
@@ -57,7 +58,7 @@ class LocalTeacher:
 
     @property
     def id(self) -> str:
-        return f"local:{self.name}"
+        return _public_id("local", self.name, None)
 
     def generate(
         self, conversations: Sequence[Conversation], max_new_tokens: int, temperature: float = 0.0, seed: int = 0
@@ -132,7 +133,7 @@ class OpenAITeacher:
 
     @property
     def id(self) -> str:
-        return f"openai:{self.model}@{public_url(self.base_url.rstrip('/'))}"
+        return _public_id("openai", self.model, self.base_url.rstrip("/"))
 
     def generate(
         self, conversations: Sequence[Conversation], max_new_tokens: int, temperature: float = 0.0, seed: int = 0
@@ -149,13 +150,16 @@ class OpenAITeacher:
     async def _generate_all(self, conversations, max_new_tokens, temperature, seed) -> list[Generation]:
         import httpx
 
-        key = os.environ.get(self.api_key_env, "")
+        key = os.environ.get(self.api_key_env, "") if self.api_key_env else ""
         headers = {"Authorization": f"Bearer {key}"} if key else {}
+        # What a careless server may echo back into an error text: the key, and the Basic
+        # credentials httpx derives from user:password@ in the URL (it sends those instead of the key).
+        secrets = [s for s in (key, _basic_credentials(self.base_url)) if s]
         semaphore = asyncio.Semaphore(self.max_concurrency)
         limits = httpx.Limits(max_connections=self.max_concurrency)
         async with httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=self.timeout_s, limits=limits) as client:
             jobs = [
-                self._one(client, semaphore, self._payload(conv, max_new_tokens, temperature, derive_seed(seed, i)), key)
+                self._one(client, semaphore, self._payload(conv, max_new_tokens, temperature, derive_seed(seed, i)), secrets)
                 for i, conv in enumerate(conversations)
             ]
             return list(await asyncio.gather(*jobs))
@@ -163,7 +167,7 @@ class OpenAITeacher:
     def _payload(self, conv: Conversation, max_new_tokens: int, temperature: float, seed: int) -> dict:
         return {"model": self.model, "messages": conv, "max_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
 
-    async def _one(self, client, semaphore: asyncio.Semaphore, payload: dict, key: str) -> Generation:
+    async def _one(self, client, semaphore: asyncio.Semaphore, payload: dict, secrets: list[str]) -> Generation:
         """One item: retry what may pass on a retry, then report why it failed instead of raising."""
         failure = _Failure("not attempted", False)
         for attempt in range(self.max_retries + 1):
@@ -177,7 +181,9 @@ class OpenAITeacher:
             delay = self.backoff_s * 2**attempt
             await asyncio.sleep(max(delay, min(failure.retry_after or 0.0, 60.0)))
         reason = f"{failure.reason} (after {attempt + 1} attempt(s))"
-        return Generation("", 0, finished=False, error=reason.replace(key, "<redacted>") if key else reason)
+        for secret in secrets:
+            reason = reason.replace(secret, "<redacted>")
+        return Generation("", 0, finished=False, error=redact(reason))
 
     async def _attempt(self, client, payload: dict) -> Generation | _Failure:
         import httpx
@@ -219,6 +225,18 @@ def _retry_after(value: Optional[str]) -> Optional[float]:
         return None
 
 
+def _basic_credentials(url: str) -> str:
+    """The base64 token of a URL's user:password, as an Authorization: Basic header carries it."""
+    import base64
+
+    import httpx
+
+    parsed = httpx.URL(url)
+    if not (parsed.username or parsed.password):
+        return ""
+    return base64.b64encode(f"{parsed.username}:{parsed.password}".encode()).decode()
+
+
 def public_url(url: str) -> str:
     """scheme://host[:port]/path: no user:password@ and no query string, which may hold a key."""
     import httpx
@@ -228,6 +246,12 @@ def public_url(url: str) -> str:
     return f"{parsed.scheme}://{parsed.host}{port}{parsed.path}".rstrip("/")
 
 
+def _public_id(kind: str, model: str, url: Optional[str]) -> str:
+    """kind:model[@endpoint], as written into records, cards and tags: no credentials, and no value
+    that came from the environment (redact)."""
+    return redact(f"{kind}:{model}" + (f"@{public_url(url)}" if url else ""))
+
+
 # --------------------------------------------------------------------------- factory
 
 
@@ -235,8 +259,8 @@ def teacher_id(cfg: Any, default_model: Any) -> str:
     """The id a teacher built from cfg will have, without loading it (for hashes and records):
     kind:model, plus @endpoint for a teacher reached over HTTP."""
     if cfg.base_url:  # a served model: the endpoint (without credentials) is part of its identity
-        return f"{cfg.kind}:{cfg.model}@{public_url(cfg.base_url)}"
-    return f"{cfg.kind}:{cfg.model or default_model.name_or_path}"
+        return _public_id(cfg.kind, cfg.model, cfg.base_url)
+    return _public_id(cfg.kind, cfg.model or default_model.name_or_path, None)
 
 
 def build_teacher(cfg: Any, default_model: Any, section: str = "datagen.teacher"):

@@ -62,7 +62,9 @@ def write_experiment(folder: Path, inputs: Path, out: Path, store: Path | None =
         "model": {"name_or_path": "tiny-random-llama"},
         "personas": {"file": str(personas)},
         "data": {"situations": str(situations), "val_fraction": 0.25, "test_fraction": 0.25},
-        "datagen": {"analysis_max_new_tokens": 16, "parse_retries": 1, "teacher": teacher, **datagen},
+        # a random model writes no acceptable reply: these tests check the plumbing, not the data
+        "datagen": {"analysis_max_new_tokens": 16, "parse_retries": 1, "teacher": teacher, "min_accepted_fraction": 0.0,
+                    **datagen},
         "trainer": {"accelerator": "cpu", "devices": 1},
         "tracking": {"tracking_uri": f"sqlite:///{store or folder / 'mlflow.db'}"},
     }
@@ -187,3 +189,26 @@ def test_kill_9_then_resume_is_byte_identical(reference, tmp_path):
     assert {name: (items / name).stat().st_mtime_ns for name in done} == before  # finished items not rewritten
     assert Path(resumed["persona_data"]).read_bytes() == Path(result["persona_data"]).read_bytes()
     assert resumed["summary"]["this_run"]["items_written"] == 4 - len(done)
+
+
+def test_too_few_accepted_replies_fail_the_stage_and_a_lower_minimum_reuses_the_items(reference, tmp_path):
+    """Some of the random model's replies fail the filters: asking for all of them to pass, datagen fails
+    (state incomplete, run FAILED) naming the reasons; rerun with the minimum lowered, it finishes the
+    same run from the cached items (a threshold is not part of the stage's hash)."""
+    import mlflow
+
+    from datamodules.io import StageFailed
+
+    folder, _ = reference
+    out = tmp_path / "out"
+    config = write_experiment(tmp_path, folder / "inputs", out, folder / "mlflow.db", limit=1, min_accepted_fraction=1.0)
+    with pytest.raises(StageFailed, match=r"only \d of 5 replies passed the quality filters \(.*=1.0; rejected: \w+ 1"):
+        run_in_process(config)
+    state = json.loads((out / "datagen" / "state.json").read_text())
+    assert not state["complete"] and (out / "datagen" / "summary.json").exists()
+    client = mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    assert client.get_run(state["run_id"]).info.status == "FAILED"
+    config = write_experiment(tmp_path, folder / "inputs", out, folder / "mlflow.db", limit=1, min_accepted_fraction=0.0)
+    result = run_in_process(config)
+    assert result["summary"]["this_run"]["items_written"] == 0
+    assert client.get_run(state["run_id"]).info.status == "FINISHED"

@@ -7,12 +7,16 @@ response accepted or rejected with a reason, and the planted key must appear in 
 """
 from __future__ import annotations
 
+import base64
 import json
 import re
+import signal
+import socket
 import threading
 import time
 import uuid
 from collections import Counter
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -42,8 +46,10 @@ JUDGED_NO = ("pole", TECH[3], "agreeableness_high")
 class FakeServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), Handler)
+    def __init__(self, port: int = 0) -> None:
+        super().__init__(("127.0.0.1", port), Handler)
+        self.faults = FAULTS
+        self.down_for: set[str] = set()  # situations whose every request gets a 503
         self.lock = threading.Lock()
         self.attempts: Counter = Counter()
         self.auth: set[str] = set()
@@ -81,8 +87,10 @@ class Handler(BaseHTTPRequestHandler):
         with self.server.lock:
             attempt = self.server.attempts[key]
             self.server.attempts[key] += 1
-        faults = FAULTS.get(key, [])
+        faults = self.server.faults.get(key, [])
         fault = faults[attempt] if attempt < len(faults) else None
+        if key[1] in self.server.down_for:
+            fault = 503
         if fault == "sleep":
             # The client abandons this request at its timeout while the server still sleeps: leave it
             # out of the in-flight count, which measures the client's concurrency.
@@ -144,20 +152,38 @@ def completion(text: str) -> bytes:
     }).encode()
 
 
-@pytest.fixture()
-def server():
-    srv = FakeServer()
+@contextmanager
+def serving(port: int = 0):
+    srv = FakeServer(port)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
 
 
-def test_every_item_ends_accepted_or_rejected_and_the_key_leaks_nowhere(server, tmp_path, monkeypatch):
+@pytest.fixture()
+def server():
+    with serving() as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("secret_in", ["key_env", "url_and_oc_env"])
+def test_every_item_ends_accepted_or_rejected_and_the_key_leaks_nowhere(server, tmp_path, monkeypatch, secret_in):
+    """The key from api_key_env; or a password in the URL plus a served model name that comes from
+    `${oc.env:...}` (an interpolated value is a secret by assumption): none of them in any file."""
     planted = f"sk-planted-{uuid.uuid4().hex}"
     monkeypatch.setenv(KEY_ENV, planted)
-    config = write_config(tmp_path, f"http://127.0.0.1:{server.server_address[1]}/v1")
+    port = server.server_address[1]
+    if secret_in == "key_env":
+        config, expected_auth = write_config(tmp_path, f"http://127.0.0.1:{port}/v1"), f"Bearer {planted}"
+    else:
+        in_url, from_env = f"sk-url-{uuid.uuid4().hex}", f"model-{uuid.uuid4().hex}"
+        monkeypatch.setenv("PERSONAFUSE_TEST_MODEL", from_env)
+        config = write_config(tmp_path, f"http://u:{in_url}@127.0.0.1:{port}/v1", model="${oc.env:PERSONAFUSE_TEST_MODEL}")
+        expected_auth = "Basic " + base64.b64encode(f"u:{in_url}".encode()).decode()  # userinfo wins over the bearer key
     result = run_in_process(config)
     records = {r["id"]: r for r in read_jsonl(result["persona_data"])}
     assert len(records) == 8  # none lost
@@ -182,13 +208,59 @@ def test_every_item_ends_accepted_or_rejected_and_the_key_leaks_nowhere(server, 
     assert summary["rejected"]["generation_error"] == 2
     assert summary["rejected"]["unparseable"] == 1 and summary["rejected"]["off_persona"] == 1
     assert summary["accepted"] == summary["responses"] - 3
-    assert server.auth == {f"Bearer {planted}"}
+    assert server.auth == {expected_auth}
     assert server.max_in_flight <= MAX_CONCURRENCY
     assert server.attempts[("pole", TECH[0], "neuroticism_high")] == 4
     assert_not_in_any_file(tmp_path, planted)
+    if secret_in != "key_env":
+        assert_not_in_any_file(tmp_path, in_url)
+        assert_not_in_any_file(tmp_path, from_env)
+        assert records[by_text[GRIEF[0]]["id"]]["teacher"] == f"openai:***@http://127.0.0.1:{port}/v1"
 
 
-def write_config(folder: Path, base_url: str) -> Path:
+def test_dead_teacher_fails_then_the_rerun_retries_only_what_failed(tmp_path, monkeypatch):
+    """A closed port: exit 1, runs FAILED, nothing cached as done. The endpoint comes up failing one
+    situation: exit 1 again, every other item done. Fixed: the rerun asks for that situation alone,
+    finishes the same MLflow runs, and nothing else is regenerated."""
+    import mlflow
+
+    from experiments.cli import main
+
+    monkeypatch.setenv(KEY_ENV, "sk-test")
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # the CLI's SIGTERM handler stays out of pytest
+    port = free_port()
+    config = write_config(tmp_path, f"http://127.0.0.1:{port}/v1")
+    out, client = tmp_path / "out" / "datagen", mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert main(["run", str(config)]) == 1  # connection refused on every request
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["error_rate"] == 1.0 and summary["retry_items"] == 8
+    state = json.loads((out / "state.json").read_text())
+    parent = json.loads((tmp_path / "out" / "run_state.json").read_text())["run_id"]
+    assert not state["complete"]
+    assert {client.get_run(r).info.status for r in (state["run_id"], parent)} == {"FAILED"}
+    with serving(port) as server:
+        server.faults, server.down_for = {}, {GRIEF[1]}
+        assert main(["run", str(config)]) == 1  # 5 of 40 replies unanswered: above max_error_fraction
+        assert {key[1] for key in server.attempts} == {s for texts in MESSAGES.values() for s in texts}
+        server.down_for, server.attempts = set(), Counter()
+        done = {p.name: p.stat().st_mtime_ns for p in (out / "items").glob("*.json")}
+        assert main(["run", str(config)]) == 0
+        assert {key[1] for key in server.attempts} == {GRIEF[1]}  # only the failed item was asked for again
+    rewritten = [name for name, mtime in done.items() if (out / "items" / name).stat().st_mtime_ns != mtime]
+    assert len(rewritten) == 1
+    final = json.loads((out / "state.json").read_text())
+    assert final["complete"] and final["run_id"] == state["run_id"]  # the same MLflow run, resumed
+    assert final["result"]["summary"]["retry_items"] == 0
+    assert {client.get_run(r).info.status for r in (state["run_id"], parent)} == {"FINISHED"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_config(folder: Path, base_url: str, model: str = "fake-teacher") -> Path:
     personas, situations = write_inputs(folder / "inputs")
     cfg = {
         "name": "openai_teacher_test",
@@ -198,7 +270,7 @@ def write_config(folder: Path, base_url: str) -> Path:
         "data": {"situations": str(situations), "val_fraction": 0.25, "test_fraction": 0.25},
         "datagen": {
             "split": "all", "judge": True, "parse_retries": 1,
-            "teacher": {"kind": "openai", "base_url": base_url, "model": "fake-teacher", "api_key_env": KEY_ENV,
+            "teacher": {"kind": "openai", "base_url": base_url, "model": model, "api_key_env": KEY_ENV,
                         "max_concurrency": MAX_CONCURRENCY, "timeout_s": 1.0, "max_retries": 3, "backoff_s": 0.01,
                         "batch_size": 4, "temperature": 0.0},
         },
@@ -210,7 +282,8 @@ def write_config(folder: Path, base_url: str) -> Path:
 
 
 def assert_not_in_any_file(root: Path, secret: str) -> None:
-    files = [p for p in root.rglob("*") if p.is_file()]
+    """Every file the run wrote (outputs, the MLflow store and its artifacts): all but the config the test wrote."""
+    files = [p for p in root.rglob("*") if p.is_file() and p != root / "experiment.yaml"]
     assert any(p.suffix == ".db" for p in files) and any(p.name == "persona_data.jsonl" for p in files)
     leaked = [str(p) for p in files if secret.encode() in p.read_bytes()]
     assert not leaked, f"API key written to {leaked}"

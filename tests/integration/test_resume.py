@@ -63,7 +63,7 @@ def test_interrupted_pipeline_whose_store_was_deleted_starts_fresh_runs(tmp_path
     from experiments.pipeline import stage_hash
 
     cfg = load_config(ROOT / "experiments/smoke.yaml", _cmd(out, uri)[5:])
-    stale = {"hash": stage_hash(cfg, "adapter_sft", []), "run_id": "f" * 32, "complete": False}
+    stale = {"hash": stage_hash(cfg, "adapter_sft", {}), "run_id": "f" * 32, "complete": False}
     (out / "adapter_sft" / "state.json").write_text(json.dumps(stale))
     done = subprocess.run(_cmd(out, uri), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -139,3 +139,50 @@ def test_rerun_names_a_stage_the_config_does_not_run(tmp_path):
     done = subprocess.run(_cmd(out, uri) + ["--rerun", "routr"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "stage 'routr' is not in this config's stages ['adapter_sft']" in done.stderr
     assert not out.exists()
+
+
+def test_an_evaluation_setting_does_not_redo_datagen_or_the_experts(tmp_path):
+    """evaluate.batch_size=8, then 4, then 8: datagen and adapter_sft run once and are skipped after,
+    and --plan says so first (tests/unit/test_pipeline.py: what it says when a setting they read changes)."""
+    out, uri = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = _cmd(out, uri)[:5] + ["stages=[datagen,adapter_sft]", "trainer.max_steps=2", f"output_dir={out}",
+                                f"tracking.tracking_uri={uri}"]
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        done = subprocess.run(cmd + list(extra), cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done
+
+    run("evaluate.batch_size=8")
+    states = {s: (out / s / "state.json").read_bytes() for s in ("datagen", "adapter_sft")}
+    planned = run("evaluate.batch_size=4", "--plan").stdout.splitlines()
+    assert [line.split()[:2] for line in planned] == [["datagen", "skip"], ["adapter_sft", "skip"]]
+    for batch_size in (4, 8):
+        assert run(f"evaluate.batch_size={batch_size}").stderr.count("unchanged since its last run — skipped") == 2
+    assert {s: (out / s / "state.json").read_bytes() for s in states} == states
+
+
+def test_sigterm_marks_the_runs_killed_and_the_rerun_resumes_them(tmp_path):
+    """A scheduler's SIGTERM mid-training ends the stage and pipeline runs KILLED (not RUNNING
+    forever); the rerun continues the same runs to FINISHED."""
+    import mlflow
+
+    out, uri = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = _cmd(out, uri)  # 8 steps: SIGTERM lands well before the end
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / "adapter_sft" / "checkpoints" / "step=2.ckpt"
+    deadline = time.time() + 240
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert ckpt.exists(), "no checkpoint appeared before SIGTERM"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) != 0
+    state = json.loads((out / "adapter_sft" / "state.json").read_text())
+    parent = json.loads((out / "run_state.json").read_text())["run_id"]
+    client = mlflow.MlflowClient(uri)
+    assert [client.get_run(r).info.status for r in (state["run_id"], parent)] == ["KILLED", "KILLED"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    final = json.loads((out / "adapter_sft" / "state.json").read_text())
+    assert final["run_id"] == state["run_id"] and final["result"]["steps"] == 8
+    assert [client.get_run(r).info.status for r in (state["run_id"], parent)] == ["FINISHED", "FINISHED"]

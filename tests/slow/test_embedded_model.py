@@ -52,6 +52,7 @@ def test_datagen_on_embedded_teacher(tmp_path):
     cfg = load_config(ROOT / "experiments/quickstart.yaml", [
         "stages=[datagen]", "datagen.teacher.kind=local", "datagen.parse_retries=0", "datagen.teacher.batch_size=16",
         "datagen.limit=2", "datagen.teacher.max_new_tokens=24", "datagen.analysis_max_new_tokens=32",
+        "datagen.min_accepted_fraction=0",  # this checks that every reply is judged, not how many pass
         f"output_dir={tmp_path / 'out'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'db'}"])
     summary = run_pipeline(cfg)["datagen"]["summary"]
     assert summary["items"] == 2 and summary["responses"] == 22

@@ -44,3 +44,70 @@ def test_bad_jsonl_line_names_file_and_line_or_is_skipped(tmp_path):
     with pytest.raises(DataError, match=r"d.jsonl:2: malformed JSONL line"):
         read_jsonl(path)
     assert read_jsonl(path, on_bad_line="skip") == [{"a": 1}, {"a": 3}]
+
+
+def _hashes(overrides: list[str]) -> dict[str, str]:
+    from experiments.pipeline import stage_keys
+
+    cfg = load_config(ROOT / "experiments/smoke.yaml", ["stages=[datagen,adapter_sft,sft_baseline,router,joint,evaluate]", *overrides])
+    return {key.stage: key.hash for key in stage_keys(cfg)}
+
+
+@pytest.mark.parametrize("override, redone", [
+    ("evaluate.batch_size=4", {"evaluate"}),
+    ("evaluate.benchmarks.mpi.limit=3", {"evaluate"}),
+    ("lora.r=4", {"adapter_sft", "sft_baseline", "router", "joint", "evaluate"}),
+    ("router.lr=0.01", {"router", "joint", "evaluate"}),
+    # router and evaluate through the stages they consume (router packs the experts with itself)
+    ("datagen.limit=2", {"datagen", "adapter_sft", "sft_baseline", "router", "joint", "evaluate"}),
+    ("datagen.teacher.timeout_s=5", set()),  # transport, not content
+    ("datagen.min_accepted_fraction=0.5", set()),  # a pass/fail threshold: rerunning with another one reuses the items
+    ("tracking.experiment=other", set()),
+])
+def test_a_setting_redoes_only_the_stages_that_read_it(override, redone):
+    before, after = _hashes([]), _hashes([override])
+    assert {stage for stage in before if before[stage] != after[stage]} == redone
+
+
+def test_plan_says_skip_resume_or_run_and_why_and_writes_nothing(tmp_path):
+    import json
+
+    from experiments.pipeline import plan, stage_keys
+
+    overrides = [f"output_dir={tmp_path}", "stages=[datagen,adapter_sft,router,evaluate]", "evaluate.systems=[base]"]
+    keys = stage_keys(load_config(ROOT / "experiments/smoke.yaml", overrides))
+    for key, complete in zip(keys, (True, True, False)):  # datagen, adapter_sft done; router interrupted
+        (tmp_path / key.stage).mkdir()
+        state = {"hash": key.hash, "run_id": f"run-{key.stage}", "complete": complete, "result": {},
+                 "inputs": key.inputs, "upstream": key.upstream}
+        (tmp_path / key.stage / "state.json").write_text(json.dumps(state))
+    files = sorted(tmp_path.rglob("*"))
+    steps = plan(load_config(ROOT / "experiments/smoke.yaml", [*overrides, "lora.dropout=0.1"]))
+    assert [(s.stage, s.action) for s in steps] == [("datagen", "skip"), ("adapter_sft", "run"), ("router", "run"),
+                                                    ("evaluate", "run")]
+    assert "settings: lora.dropout" in steps[1].why and "redone upstream: adapter_sft" in steps[2].why
+    assert "no earlier run" in steps[3].why
+    steps = plan(load_config(ROOT / "experiments/smoke.yaml", overrides))
+    assert [s.action for s in steps] == ["skip", "skip", "resume", "run"] and "run-router" in steps[2].why
+    assert [s.action for s in plan(load_config(ROOT / "experiments/smoke.yaml", overrides), rerun="adapter_sft")] == \
+        ["skip", "run", "run", "run"]
+    assert sorted(tmp_path.rglob("*")) == files
+
+
+def test_end_run_tree_marks_what_an_exception_or_interrupt_ended(tmp_path):
+    import mlflow
+
+    from experiments import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = tracking.get_or_create_experiment("status", uri)
+    parent = tracking.start_run(uri, exp, "pipeline", {})
+    stage = tracking.start_run(uri, exp, "evaluate", {}, parent)
+    system = tracking.start_run(uri, exp, "evaluate:base", {}, stage)
+    done = tracking.start_run(uri, exp, "datagen", {}, parent)
+    client = mlflow.MlflowClient(uri)
+    client.set_terminated(done, "FINISHED")
+    tracking.end_run_tree(uri, exp, parent, "KILLED")
+    status = {r: client.get_run(r).info.status for r in (parent, stage, system, done)}
+    assert status == {parent: "KILLED", stage: "KILLED", system: "KILLED", done: "FINISHED"}
+    assert tracking.reopen_run(uri, exp, stage) and client.get_run(stage).info.status == "RUNNING"  # a rerun resumes it

@@ -132,8 +132,9 @@ def test_datamodule_batches_are_fixed_and_resume_only_pending(tmp_path, personas
     assert [(i, [s.id for s in b]) for i, b in dm.batches()] == [
         (0, ["a-000", "a-001"]), (1, ["a-002", "a-003"]), (2, ["a-004"])
     ]
-    dm.only = {2, 0}
-    assert [batch[0] for batch in dm.predict_dataloader()] == [0, 2]
+    batches = dict(dm.batches())
+    dm.only = {2: batches[2], 0: batches[0][1:]}  # batch index -> what is left to generate in it
+    assert [(batch[0], [s.id for s in batch[1]]) for batch in dm.predict_dataloader()] == [(0, ["a-001"]), (2, ["a-004"])]
 
 
 def test_dataset_card_is_written(tmp_path):
