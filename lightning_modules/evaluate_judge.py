@@ -79,8 +79,7 @@ def judge_downstream(ctx, factory, systems: list[str]) -> dict[str, dict[str, fl
     judge = build_teacher(cfg.evaluate.judge.teacher, cfg.model)
     jc = cfg.evaluate.judge.teacher
     out: dict[str, dict[str, float]] = {}
-    for system in systems:
-        records = _judge_system(judge, jc, items, replies[system], replies.get("base"), system != "base")
+    for system, records in _judge_systems(judge, jc, items, replies).items():
         atomic_write_text(ctx.stage_dir / "records" / system / "downstream.json", json.dumps(records))
         out[system] = _aggregate(records, items)
     return out
@@ -104,23 +103,36 @@ def _replies(ctx, factory, systems: list[str], items) -> dict[str, list[str]]:
     return {**replies, **fresh}
 
 
-def _judge_system(judge, jc, items, replies, base_replies, pairwise: bool) -> list[dict]:
+def _judge_systems(judge, jc, items, replies: dict[str, list[str]]) -> dict[str, list[dict]]:
+    """Rubric scores for every system, and pairwise verdicts against base (both orders) for the
+    others; each kind of prompt goes to the judge in one call over all systems (fuller batches)."""
     convs = [_render(s.conversation()) for s in items]
-    prompts = [[{"role": "user", "content": RUBRIC.format(conversation=c, reply=r)}] for c, r in zip(convs, replies)]
-    rubric = judge.generate(prompts, jc.max_new_tokens, jc.temperature, seed=0)
-    verdicts = [None] * len(items)
-    if pairwise and base_replies is not None:
-        ab = [[{"role": "user", "content": PAIRWISE.format(conversation=c, a=r, b=b)}] for c, r, b in zip(convs, replies, base_replies)]
-        ba = [[{"role": "user", "content": PAIRWISE.format(conversation=c, a=b, b=r)}] for c, r, b in zip(convs, replies, base_replies)]
-        first, swapped = judge.generate(ab, 8, 0.0, seed=0), judge.generate(ba, 8, 0.0, seed=0)
-        verdicts = [(parse_choice(f.text), parse_choice(s.text)) for f, s in zip(first, swapped)]
-    records = []
-    for item, reply, judged, verdict in zip(items, replies, rubric, verdicts):
-        scores = parse_rubric(judged.text)
-        records.append({"item_id": item.id, "domain": item.domain, "reply": reply, "judge_output": judged.text,
-                        "scores": scores, "pairwise": verdict,
-                        "win": pairwise_outcome(*verdict) if verdict else None})
-    return records
+    base = replies.get("base")
+    paired = [s for s in replies if s != "base" and base is not None]
+    rubric = _ask(judge, {s: [RUBRIC.format(conversation=c, reply=r) for c, r in zip(convs, replies[s])] for s in replies},
+                  jc.max_new_tokens, jc.temperature)
+    first = _ask(judge, {s: [PAIRWISE.format(conversation=c, a=r, b=b) for c, r, b in zip(convs, replies[s], base)]
+                         for s in paired}, 8, 0.0)
+    swapped = _ask(judge, {s: [PAIRWISE.format(conversation=c, a=b, b=r) for c, r, b in zip(convs, replies[s], base)]
+                           for s in paired}, 8, 0.0)
+    out = {}
+    for system in replies:
+        verdicts = ([(parse_choice(f.text), parse_choice(w.text)) for f, w in zip(first[system], swapped[system])]
+                    if system in paired else [None] * len(items))
+        out[system] = [{"item_id": item.id, "domain": item.domain, "reply": reply, "judge_output": judged.text,
+                        "scores": parse_rubric(judged.text), "pairwise": verdict,
+                        "win": pairwise_outcome(*verdict) if verdict else None}
+                       for item, reply, judged, verdict in zip(items, replies[system], rubric[system], verdicts)]
+    return out
+
+
+def _ask(judge, prompts: dict[str, list[str]], max_new_tokens: int, temperature: float) -> dict[str, list]:
+    """One judge call for every system's prompts; the outputs split back by system."""
+    flat = [[{"role": "user", "content": text}] for texts in prompts.values() for text in texts]
+    if not flat:
+        return {}
+    outputs = iter(judge.generate(flat, max_new_tokens, temperature, seed=0))
+    return {system: [next(outputs) for _ in texts] for system, texts in prompts.items()}
 
 
 def _aggregate(records: list[dict], items) -> dict[str, float]:
