@@ -13,6 +13,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -419,6 +420,9 @@ def _merge_overrides(base: DictConfig, overrides: list[str], config_path: str) -
             base = OmegaConf.merge(base, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
             raise _explain(err, f"command-line override '{item}' (on {config_path})") from None
+        except yaml.YAMLError as err:  # the value is read as YAML: `k={a:{b:1}}` needs a space after ':'
+            raise ConfigError(f"command-line override '{item}' (on {config_path}): value is not valid YAML "
+                              f"({err.problem}); write mappings as {{a: 1}}") from None
     return base
 
 

@@ -142,3 +142,8 @@ def test_a_path_like_argument_is_never_taken_for_a_name(tmp_path):
         load_config(tmp_path / "quickstart.yaml")
     with pytest.raises(ConfigError, match="config file not found"):
         load_config("quickstart.yaml")  # a .yaml name means a file here, not the shipped one
+
+
+def test_override_that_is_not_yaml_fails_in_one_line():
+    with pytest.raises(ConfigError, match=r"override 'evaluate.benchmarks=\{mpi:\{limit:5\}\}'.*not valid YAML"):
+        load_config(ROOT / "experiments/smoke.yaml", ["evaluate.benchmarks={mpi:{limit:5}}"])
