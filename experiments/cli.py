@@ -1,6 +1,7 @@
 """The `personafuse` command: run pipelines, sweeps, the MLflow UI, chat, benchmark data.
 
-    personafuse run experiments/quickstart.yaml [key=value ...] [--rerun STAGE]
+    personafuse run quickstart [key=value ...] [--rerun STAGE]   (or experiments/quickstart.yaml)
+    personafuse config [SECTION]
     personafuse reset STAGE experiments/quickstart.yaml [key=value ...]
     personafuse sweep sweeps/smoke_grid.yaml [--launcher local|slurm] [--dry-run]
     personafuse ui
@@ -84,7 +85,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the stages an experiment config lists", description=_RUN_HELP,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("config", help="experiment YAML, e.g. experiments/quickstart.yaml")
+    run.add_argument("config", help="experiment YAML, or a shipped config's name: quickstart = experiments/quickstart.yaml")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=3")
     run.add_argument("--print-config", action="store_true", help="print the resolved config (credentials masked) and exit")
     run.add_argument("--plan", action="store_true",
@@ -101,11 +102,13 @@ def _build_parser() -> argparse.ArgumentParser:
                                        "`personafuse run` redoes them in new MLflow runs. Use it before a launcher "
                                        "that starts every rank (torchrun, srun), where `run --rerun` is refused.")
     reset.add_argument("stage", metavar="STAGE", help="the first stage to redo, e.g. evaluate")
-    reset.add_argument("config", help="experiment YAML, e.g. experiments/quickstart.yaml")
+    reset.add_argument("config", help="experiment YAML or shipped config name, e.g. quickstart")
     reset.add_argument("overrides", nargs="*", help="key=value overrides the run uses (output_dir among them)")
     reset.set_defaults(handler=_cmd_reset)
 
-    keys = sub.add_parser("config", help="list every config key with its default and meaning")
+    keys = sub.add_parser("config", help="list every config key with the default in force and its meaning")
+    keys.add_argument("section", nargs="?", default="", metavar="SECTION",
+                      help="only this section or key, e.g. evaluate, evaluate.judge, trainer.max_steps")
     keys.set_defaults(handler=_cmd_config)
 
     ui = sub.add_parser("ui", help="serve the MLflow UI on the project's store")
@@ -142,7 +145,11 @@ then run each stage in `stages` as an MLflow child run of one pipeline run.
 
 Rerunning the same command skips finished stages whose config is unchanged and
 resumes interrupted ones; `--rerun STAGE` redoes STAGE and every later stage
-anyway (after a code change, say). See `personafuse config` for every key."""
+anyway (after a code change, say).
+
+CONFIG is a YAML path or a shipped config's name (quickstart, smoke, paper, ...).
+Every key with the default in force and its meaning: `personafuse config`;
+one section: `personafuse config SECTION` (e.g. `personafuse config evaluate.judge`)."""
 
 
 _SWEEP_HELP = """Run a sweep: one `personafuse run` per trial of a base experiment, each trial's
@@ -210,7 +217,7 @@ def _cmd_reset(args: argparse.Namespace) -> int:
 def _cmd_config(args: argparse.Namespace) -> int:
     from experiments.config import help_text
 
-    print(help_text())
+    print(help_text(args.section))
     return 0
 
 

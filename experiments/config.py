@@ -1,6 +1,6 @@
 """Typed experiment configuration: dataclass schema <- YAML files <- `key=value` overrides.
 
-Every field has a default and a one-line docstring (shown by `personafuse run --help-config`).
+Every field has a default and a one-line docstring (shown by `personafuse config [SECTION]`).
 Defaults marked "(ours)" are this project's choices, not values reported by the paper.
 Stages receive the typed section they need, never the whole config.
 """
@@ -13,6 +13,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -333,9 +334,29 @@ def project_path(path: str | Path) -> Path:
     return p if p.is_absolute() or p.exists() else project_root() / p
 
 
+def shipped_configs() -> list[str]:
+    """Names of the experiment YAMLs that ship in experiments/ (`personafuse run NAME` runs one)."""
+    return sorted(p.stem for p in (project_root() / "experiments").glob("*.yaml"))
+
+
+def experiment_path(spec: str | Path) -> Path:
+    """A config argument as a file: an existing file or anything path-like as given, else a shipped
+    config's name (`quickstart` -> experiments/quickstart.yaml), so both spellings run the same file."""
+    path = Path(spec)
+    text = str(spec)
+    if path.exists() or "/" in text or os.sep in text or text.endswith((".yaml", ".yml")):
+        return path
+    named = project_root() / "experiments" / f"{text}.yaml"
+    if not named.is_file():
+        raise ConfigError(f"no config file or shipped config named '{text}'{did_you_mean(text, shipped_configs())}"
+                          f" (shipped: {', '.join(shipped_configs())})")
+    return named
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Schema <- YAML <- overrides, as a typed object. Raises ConfigError naming the file and key."""
-    path = Path(path)
+    """Schema <- YAML <- overrides, as a typed object. Raises ConfigError naming the file and key.
+    `path` may also name a shipped config (see experiment_path)."""
+    path = experiment_path(path)
     merged = OmegaConf.structured(ExperimentConfig)
     merged = _merge_yaml(merged, path)
     merged = _merge_overrides(merged, list(overrides), str(path))
@@ -345,9 +366,9 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _explain(err, str(path)) from None
+    _resolve_paths(cfg)  # first: the checks open files, and a run may start outside the project folder
     _check_registered(cfg, str(path))
     check_ranges(cfg, str(path))
-    _resolve_paths(cfg)
     return cfg
 
 
@@ -399,6 +420,9 @@ def _merge_overrides(base: DictConfig, overrides: list[str], config_path: str) -
             base = OmegaConf.merge(base, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
             raise _explain(err, f"command-line override '{item}' (on {config_path})") from None
+        except yaml.YAMLError as err:  # the value is read as YAML: `k={a:{b:1}}` needs a space after ':'
+            raise ConfigError(f"command-line override '{item}' (on {config_path}): value is not valid YAML "
+                              f"({err.problem}); write mappings as {{a: 1}}") from None
     return base
 
 
@@ -487,21 +511,46 @@ def flatten(data: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def help_text() -> str:
-    """Every config key with its default and docstring, for --help-config."""
+def help_text(section: str = "") -> str:
+    """Every config key under `section` (all when empty) with the default in force and its docstring.
+    Defaults are read from a built config, not the classes: a section's default_factory may set
+    other values than its class does (evaluate.judge.teacher is greedy, datagen.teacher samples)."""
+    parent, node = _section(section)
+    if not is_dataclass(node):  # a single key
+        return _key_line(section, node, _field_docs(type(parent)).get(section.rpartition(".")[2], ""))
     lines: list[str] = []
-    _describe(ExperimentConfig, "", lines)
+    _describe(node, f"{section}." if section else "", lines)
     return "\n".join(lines)
 
 
-def _describe(schema: type, prefix: str, lines: list[str]) -> None:
-    docs = _field_docs(schema)
-    for f in fields(schema):
-        default = f.default_factory() if f.default_factory is not MISSING else f.default
-        if is_dataclass(default):
-            _describe(type(default), f"{prefix}{f.name}.", lines)
+def _section(section: str) -> tuple[Any, Any]:
+    """(the enclosing section, the section or value) a dotted name points to in a default config."""
+    parent = node = ExperimentConfig()
+    for part in section.split(".") if section else []:
+        if not is_dataclass(node) or part not in {f.name for f in fields(node)}:
+            raise ConfigError(f"unknown config section '{section}'{did_you_mean(section, config_sections())} "
+                               "(`personafuse config` lists every key)")
+        parent, node = node, getattr(node, part)
+    return parent, node
+
+
+def config_sections() -> list[str]:
+    """Every dotted config key and section, for `personafuse config SECTION` suggestions."""
+    return _schema_keys(ExperimentConfig)
+
+
+def _describe(node: Any, prefix: str, lines: list[str]) -> None:
+    docs = _field_docs(type(node))
+    for f in fields(node):
+        value = getattr(node, f.name)
+        if is_dataclass(value):
+            _describe(value, f"{prefix}{f.name}.", lines)
         else:
-            lines.append(f"  {prefix}{f.name} = {default!r}\n      {docs.get(f.name, '')}")
+            lines.append(_key_line(f"{prefix}{f.name}", value, docs.get(f.name, "")))
+
+
+def _key_line(key: str, value: Any, doc: str) -> str:
+    return f"  {key} = {value!r}\n      {doc}"
 
 
 def _field_docs(schema: type) -> dict[str, str]:

@@ -92,6 +92,16 @@ class StageContext:
         return tracking.start_run(self.tracking_uri, self.experiment_id, name, {**tags, "git_commit": tracking.git_commit()},
                                   self.run_id)
 
+    def log_params(self, params: dict[str, str]) -> None:
+        """Params of this context's run (credentials redacted), so MLflow's compare view says what differed."""
+        if self.is_rank_zero:
+            tracking.log_params(self.tracking_uri, self.run_id, params)
+
+    def set_note(self, text: str) -> None:
+        """This run's description in MLflow (`mlflow.note.content`)."""
+        if self.is_rank_zero:
+            tracking.set_note(self.tracking_uri, self.run_id, text)
+
     def set_tags(self, tags: dict[str, str]) -> None:
         if not self.is_rank_zero:
             return
@@ -124,13 +134,22 @@ class StageKey:
 def stage_key(cfg: ExperimentConfig, stage: str, earlier: dict[str, str]) -> StageKey:
     """The settings `stage` reads and the hashes of the `earlier` stages (id -> hash) it consumes.
     Credentials in URLs are not settings (a rotated password must not redo a stage) and are left out."""
-    flat = flatten(to_container(cfg))
+    read = stage_settings(cfg, stage)
     spec = registry.STAGE_INPUTS.get(stage)
     if spec is None:  # an unlisted stage depends on everything before it
-        keep = {k: v for k, v in flat.items() if k.split(".")[0] not in ("tracking", "stages", "name", "output_dir")}
-        return StageKey(stage, _digests(keep), dict(earlier))
-    keep = {k: v for k, v in flat.items() if _under(k, spec.reads) and not _under(k, spec.ignores)}
+        return StageKey(stage, _digests(read), dict(earlier))
+    keep = {k: v for k, v in read.items() if not _under(k, spec.ignores)}
     return StageKey(stage, _digests(keep), {s: h for s, h in earlier.items() if s in spec.consumes})
+
+
+def stage_settings(cfg: ExperimentConfig, stage: str) -> dict[str, str]:
+    """Dotted key -> value of every setting `stage` reads (registry.STAGE_INPUTS; an unlisted stage
+    reads everything but tracking and naming): its hash inputs, and its MLflow run's params."""
+    flat = flatten(to_container(cfg))
+    spec = registry.STAGE_INPUTS.get(stage)
+    if spec is None:
+        return {k: v for k, v in flat.items() if k.split(".")[0] not in ("tracking", "stages", "name", "output_dir")}
+    return {k: v for k, v in flat.items() if _under(k, spec.reads)}
 
 
 def _under(key: str, prefixes: Sequence[str]) -> bool:
@@ -330,6 +349,7 @@ def _run_locked(cfg: ExperimentConfig, out: Path) -> dict[str, dict[str, Any]]:
         interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
         tracking.end_run_tree(uri, exp_id, parent, "KILLED" if interrupted else "FAILED")
         raise
+    tracking.set_note(uri, parent, pipeline_note(cfg, results))
     _finish(uri, parent)
     console.print(f"[bold green]done[/] — MLflow runs: {tracking.runs_url(exp_id)}  (open with `personafuse ui`)")
     return results
@@ -352,6 +372,7 @@ def _run_stage(cfg, key: StageKey, out, uri, exp_id, parent, results) -> dict[st
     run_id = state.get("run_id")
     if not (run_id and tracking.reopen_run(uri, exp_id, run_id)):
         run_id = tracking.start_run(uri, exp_id, stage, tags, parent)
+    tracking.log_params(uri, run_id, stage_settings(cfg, stage))
     record = {"hash": h, "run_id": run_id, "inputs": key.inputs, "upstream": key.upstream}
     atomic_write_text(state_file, json.dumps({**record, "complete": False}))
     ctx = StageContext(cfg, stage, stage_dir, out, uri, exp_id, run_id, dict(results))
@@ -362,6 +383,15 @@ def _run_stage(cfg, key: StageKey, out, uri, exp_id, parent, results) -> dict[st
     _finish(uri, run_id)
     atomic_write_text(state_file, json.dumps({**record, "complete": True, "result": result}))
     return result
+
+
+def pipeline_note(cfg: ExperimentConfig, results: dict[str, dict[str, Any]]) -> str:
+    """The pipeline run's description: what ran, and the evaluation's headline table when it ran."""
+    lines = [f"**{cfg.name}** on `{cfg.model.name_or_path}`: {' → '.join(cfg.stages)}."]
+    summary = results.get("evaluate", {}).get("summary")
+    if summary:
+        lines += ["", summary, "", "Every metric with its 95% interval: evaluate run, comparison.md."]
+    return "\n".join(lines)
 
 
 def what_changed(state: dict, key: StageKey) -> str:

@@ -5,6 +5,7 @@ MLFlowLogger falls back to it when given no URI, so a URI is always passed expli
 """
 from __future__ import annotations
 
+import getpass
 import os
 import subprocess
 import sys
@@ -54,16 +55,29 @@ def get_or_create_experiment(name: str, tracking_uri: str) -> str:
     client = mlflow.MlflowClient(tracking_uri)
     existing = client.get_experiment_by_name(name)
     if existing is not None:
+        _mark_kind(client, existing)
         return existing.experiment_id
     root = artifact_root(tracking_uri)
     location = f"{root}/{name}" if root else None
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:  # a concurrent process created it first
         found = client.get_experiment_by_name(name)
         if found is None:
             raise
         return found.experiment_id
+
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+"""MLflow 3's UI opens an experiment of this kind on its training runs table, and one with no kind on
+its GenAI page (the values are the UI's ExperimentKind enum, mlflow 3.x server/js)."""
+
+
+def _mark_kind(client, experiment) -> None:
+    """Give an experiment created before this tag existed its kind; a kind someone chose stays."""
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
 
 def start_run(
@@ -78,7 +92,7 @@ def start_run(
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     client = mlflow.MlflowClient(tracking_uri)
-    all_tags = redact(dict(tags))
+    all_tags = redact({**standard_tags(), **tags})
     if parent_run_id:
         all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
     run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
@@ -141,17 +155,60 @@ def log_params(tracking_uri: str, run_id: str, params: dict[str, str]) -> None:
 
 def git_commit() -> str:
     """The project's git commit (with -dirty when uncommitted changes exist), or 'unknown'."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
-        ).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
+    sha = git_sha()
+    if sha is None:
         return "unknown"
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    return sha + ("-dirty" if dirty else "")
+
+
+def git_sha() -> Optional[str]:
+    """HEAD of the project's checkout; None outside a git checkout (an installed copy)."""
+    return _git("rev-parse", "HEAD") or None
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent.parent,
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def standard_tags() -> dict[str, str]:
+    """MLflow's own run tags, which fill the runs table's User, Source and Version columns (a run
+    made through MlflowClient gets none of them, unlike one from mlflow.start_run)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
+
+    tags = {MLFLOW_USER: _user(), MLFLOW_SOURCE_NAME: command_line()[:5000],
+            MLFLOW_SOURCE_TYPE: "JOB" if os.environ.get("SLURM_JOB_ID") else "LOCAL"}
+    sha = git_sha()
+    if sha:
+        tags[MLFLOW_GIT_COMMIT] = sha
+    return tags
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container user with no passwd entry
+        return "unknown"
+
+
+def command_line() -> str:
+    """The command that made the run, as typed (`personafuse run quickstart ...`); redacted when tagged."""
+    prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    if prog in ("cli.py", "__main__.py") or prog.startswith("personafuse"):
+        prog = "personafuse"
+    return " ".join([prog, *sys.argv[1:]])
+
+
+def set_note(tracking_uri: str, run_id: str, text: str) -> None:
+    """The run's description (the Description column and the run page's notes), credentials masked."""
+    import mlflow
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
+    mlflow.MlflowClient(tracking_uri).set_tag(run_id, MLFLOW_RUN_NOTE, redact(text)[:8000])
 
 
 def runs_url(experiment_id: str, host: str = "127.0.0.1", port: int = 5000) -> str:

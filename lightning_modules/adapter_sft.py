@@ -113,7 +113,7 @@ def train_experts(ctx, records: list[SFTRecord], expert_names: Sequence[str]) ->
     with gathered_parameters(trainer.strategy, experts):  # ZeRO-3: whole experts on every rank
         if trainer.is_global_zero:
             for name in expert_names:
-                module.model.export_peft(name, adapters / name, cfg.model.name_or_path)
+                module.model.export_peft(name, adapters / name, cfg.model.name_or_path, cfg.model.revision)
     if trainer.is_global_zero:
         ctx.log_artifact(adapters, "adapters")
     return {"adapters": str(adapters), "experts": list(expert_names), "steps": int(trainer.global_step),

@@ -21,9 +21,9 @@ from torch.utils.data import DataLoader
 from datamodules.io import ConfigError, DataError, atomic_write_text, did_you_mean, read_json, write_jsonl
 from datamodules.personas import BIG_FIVE, load_personas
 from lightning_modules.common import load_experts
-from lightning_modules.evaluate_systems import SYSTEMS, SystemSpec
+from lightning_modules.evaluate_systems import SYSTEMS, SystemSpec, system_params
 from lightning_modules.components.personafuse import ChatModel
-from lightning_modules.evaluate_report import add_intervals, baseline_rows, log_comparison
+from lightning_modules.evaluate_report import add_intervals, baseline_rows, log_comparison, summary_table, system_note
 
 HEADLINE_METRICS = (
     "eq_bench/score", "eq_bench/parsed", "emobench_eu/accuracy", "emobench_ea/accuracy",
@@ -273,8 +273,11 @@ def run(ctx) -> dict:
                                        ecfg.bootstrap_samples, ecfg.bootstrap_seed)
     vs_baseline = baseline_rows(by_system, benchmarks, ecfg.baseline, ecfg.bootstrap_samples, ecfg.bootstrap_seed, HEADLINE_METRICS)
     run_ids = _log_systems(ctx, by_system)
-    table = log_comparison(ctx, {s: v["metrics"] for s, v in by_system.items()}, HEADLINE_METRICS, vs_baseline)
-    return {"systems": run_ids, "table": str(table)}
+    metrics = {s: v["metrics"] for s, v in by_system.items()}
+    table = log_comparison(ctx, metrics, HEADLINE_METRICS, vs_baseline)
+    summary = summary_table(metrics, HEADLINE_METRICS)
+    ctx.set_note(summary)
+    return {"systems": run_ids, "table": str(table), "summary": summary}
 
 
 def _trainer(t) -> tuple[L.Trainer, bool]:
@@ -315,7 +318,10 @@ def _log_one_system(ctx, run_id: str, system: str, entry: dict) -> None:
 
     client = mlflow.MlflowClient(ctx.tracking_uri)
     sub = type(ctx)(**{**ctx.__dict__, "run_id": run_id})
+    spec = SYSTEMS.get(system)
+    sub.log_params(system_params(system, spec))
     sub.log_metrics(entry["metrics"])
+    sub.set_note(system_note(system, spec.description, entry["metrics"], HEADLINE_METRICS))
     folder = ctx.stage_dir / "records" / system
     for bench, records in entry["records"].items():
         write_jsonl(folder / f"{bench}.jsonl", records)

@@ -104,6 +104,25 @@ def log_comparison(ctx, metrics: dict[str, dict[str, float]], headline: Sequence
     return md
 
 
+SUMMARY_COLUMNS = 6
+"""Headline metrics in a run description: enough to compare systems at a glance; the rest is in comparison.md."""
+
+
+def summary_table(metrics: dict[str, dict[str, float]], headline: Sequence[str]) -> str:
+    """A short markdown table (systems x the first headline metrics present) for run descriptions."""
+    keys, rows = comparison_rows(metrics, headline)
+    shown = [k for k in keys if k in headline][:SUMMARY_COLUMNS]
+    return _markdown(["system"] + shown, [[r[0]] + [r[1 + keys.index(k)] for k in shown] for r in rows])
+
+
+def system_note(system: str, description: str, metrics: dict[str, float], headline: Sequence[str]) -> str:
+    """A per-system run's description: what the system is, and its headline metrics with intervals."""
+    keys, rows = comparison_rows({system: metrics}, headline)
+    cells = _with_intervals(keys, rows, {system: metrics})[0][1:]
+    lines = [f"- {k}: {_fmt(v)}" for k, v in zip(keys, cells) if k in headline]
+    return "\n".join([f"**{system}**: {description}", "", *lines])
+
+
 TRAIT_SHIFT_HEADER = ["trait", "high − low (expected)", "high − low (adjusted)", "acquiescence high", "acquiescence low"]
 
 

@@ -4,7 +4,7 @@ An ablation is one more `SystemSpec` in `builtin_systems` (SYSTEMS is the regist
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 from datamodules.io import Registry
@@ -54,3 +54,8 @@ def builtin_systems() -> dict[str, SystemSpec]:
 SYSTEMS = Registry("system")
 for _name, _spec in builtin_systems().items():
     SYSTEMS.add(_name, _spec, _spec.description)
+
+
+def system_params(name: str, spec: SystemSpec) -> dict[str, str]:
+    """A system's spec as MLflow params (`system.gates`, ...), so the compare view says how systems differ."""
+    return {"system": name, **{f"system.{k}": str(v) for k, v in asdict(spec).items()}}

@@ -149,7 +149,7 @@ def _export(ctx, fuse, personas: PersonaSet, result: dict) -> dict:
     cfg = ctx.cfg
     adapters, router_dir = ctx.stage_dir / "adapters", ctx.stage_dir / "router"
     for name in personas.ids:
-        fuse.persona_model.export_peft(name, adapters / name, cfg.model.name_or_path)
+        fuse.persona_model.export_peft(name, adapters / name, cfg.model.name_or_path, cfg.model.revision)
     save_router(fuse.router, router_dir, fuse.meta)
     lora = {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "target_modules": list(cfg.lora.target_modules)}
     folder = assemble_folder(ctx.stage_dir / "personafuse", adapters, router_dir, cfg.model.name_or_path, personas.ids, lora)

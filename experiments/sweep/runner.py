@@ -176,6 +176,9 @@ class _Runner:
         self._tell(trial, value)
         if ok:
             self.client.log_metric(self.parent, "sweep/objective", value, step=record["index"])
+            # on the trial's own run too, beside its params: MLflow's parallel-coordinates and
+            # scatter charts relate one run's params to that run's metrics
+            self.client.log_metric(run_id, "sweep/objective", value)
             self._say(f"{trial.id} finished: {self.sweep.spec.objective.metric} = {value:.4g}")
         else:
             self._say(f"{trial.id} FAILED: {error}")

@@ -47,6 +47,17 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def loadable_name(name_or_path: str) -> str:
+    """What an exported adapter names as its base so that PEFT, vLLM and AutoPeftModelForCausalLM load
+    it anywhere on this machine: a built-in's converted folder (they cannot resolve our aliases), a
+    local folder made absolute (the loader may start elsewhere), a hub id as is."""
+    if name_or_path in BUILTIN_MODELS:
+        return resolve_model_path(name_or_path)
+    if Path(name_or_path).is_dir():
+        return str(Path(name_or_path).resolve())
+    return name_or_path
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
     from transformers import AutoTokenizer
 

@@ -528,12 +528,14 @@ class PersonaLoRAModel(nn.Module):
 
     # ------------------------------------------------------------------ PEFT interchange
 
-    def export_peft(self, expert: str, folder: str | Path, base_model_name: str = "") -> Path:
-        """Write one expert as a standard PEFT LoRA adapter folder (PeftModel.from_pretrained loads it)."""
+    def export_peft(self, expert: str, folder: str | Path, base_model_name: str = "", revision: str | None = None) -> Path:
+        """Write one expert as a standard PEFT LoRA adapter folder (PeftModel.from_pretrained loads it;
+        with `base_model_name` set, AutoPeftModelForCausalLM and vLLM find the base too: see loadable_name)."""
         from peft import LoraConfig
         from safetensors.torch import save_file
 
         from datamodules.io import atomic_write_bytes
+        from lightning_modules.components.base_model import loadable_name
 
         e = self.expert_names.index(expert)
         tensors = {}
@@ -546,7 +548,7 @@ class PersonaLoRAModel(nn.Module):
         config = LoraConfig(
             r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout_p, task_type="CAUSAL_LM",
             target_modules=sorted({n.rsplit(".", 1)[-1] for n in self.layer_names}),
-            base_model_name_or_path=base_model_name or None,
+            base_model_name_or_path=loadable_name(base_model_name) if base_model_name else None, revision=revision,
         )
         tmp = folder / "adapter_model.safetensors.tmp"
         save_file(tensors, str(tmp), metadata={"format": "pt"})

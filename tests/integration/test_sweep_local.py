@@ -107,6 +107,9 @@ def test_local_grid_sweep_tracks_ranks_and_resumes_after_kill(tmp_path, mlflow_u
     for run in pipelines:
         rec = after[run.data.tags["sweep.trial"]]
         assert run.data.tags["sweep.param.router.hidden"] == str(rec["params"]["router.hidden"])
+        # params and objective on the trial's own run: what MLflow's parallel-coordinates chart relates
+        assert run.data.params["router.hidden"] == str(rec["params"]["router.hidden"])
+        assert run.data.metrics["sweep/objective"] == pytest.approx(rec["objective"])
         assert rec["pipeline_run_id"] == run.info.run_id
 
     # The ranked table: printed, and logged on the parent as CSV and Markdown.

@@ -411,3 +411,35 @@ def test_merge_under_inference_mode_with_experts_loaded_there(tiny_model):
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-4)
     for name, layer in zip(model.layer_names, model.persona_layers()):
         assert torch.equal(layer.base.weight, before[name]), name
+
+
+def test_exported_adapter_names_a_base_that_loads_anywhere(persona, tmp_path, tiny_model_path):
+    """Our alias `tiny-random-llama` means nothing to PEFT or vLLM: the adapter names the converted
+    folder, and AutoPeftModelForCausalLM loads base and adapter from the adapter folder alone."""
+    import json
+
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model, _, ids = persona
+    folder = model.export_peft("b_high", tmp_path / "b_high", "tiny-random-llama")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == tiny_model_path
+    gates = torch.nn.functional.one_hot(torch.tensor([2, 2]), len(POLES)).float()
+    auto = AutoPeftModelForCausalLM.from_pretrained(str(folder))
+    torch.testing.assert_close(_logits(auto, ids), _logits(model, ids, gates), atol=1e-5, rtol=1e-4)
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"]), folder)
+    torch.testing.assert_close(_logits(plain, ids), _logits(model, ids, gates), atol=1e-5, rtol=1e-4)
+
+
+def test_exported_adapter_keeps_a_hub_id_and_its_revision(persona, tmp_path, monkeypatch):
+    import json
+
+    model, _, _ = persona
+    folder = model.export_peft("a_low", tmp_path / "hub", "HuggingFaceTB/SmolLM2-135M-Instruct", revision="12fd25f")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["revision"]) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "12fd25f")
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)  # a relative local folder is written absolute: the loader may start elsewhere
+    folder = model.export_peft("a_low", tmp_path / "local", "models/mine")
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tmp_path / "models" / "mine")
