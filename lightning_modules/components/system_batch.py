@@ -78,9 +78,10 @@ class Lockstep:
         except BaseException as err:  # noqa: BLE001 - re-raised below, after the threads unwound
             error = err
             self._abort = True
-            for i in range(len(workers)):
-                if i not in outcomes:
-                    self._pass_to(i)
+            while len(outcomes) < len(workers):  # a worker interrupted mid-turn parks first, then unwinds
+                for i in range(len(workers)):
+                    if i not in outcomes:
+                        self._pass_to(i)
         for thread in threads:
             thread.join()
         if error is not None:

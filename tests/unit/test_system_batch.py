@@ -89,6 +89,24 @@ def test_lockstep_runs_workers_one_at_a_time_and_merges_rounds():
     assert overlaps and not any(overlaps)
 
 
+def test_lockstep_ctrl_c_while_a_worker_runs_unwinds_every_thread():
+    """Ctrl-C reaches the calling thread while a worker is mid-turn: that worker parks at its next
+    ask and must still be unwound, or joining it would hang."""
+    import os
+    import signal
+
+    def worker(i, ask):
+        if i == 0:
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C: the calling thread's wait is interrupted
+            time.sleep(0.2)
+        ask(i)
+        ask(i)
+
+    with pytest.raises(KeyboardInterrupt):
+        Lockstep().run([worker] * 2, lambda requests: {i: None for i in requests})
+    assert not [t for t in threading.enumerate() if t.name.startswith("system-")]
+
+
 @pytest.mark.parametrize("where", ["worker", "answer"])
 def test_lockstep_raises_the_first_error_and_stops_every_worker(where):
     finished = []
