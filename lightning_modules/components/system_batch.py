@@ -192,7 +192,8 @@ class SystemBatch:
     def _merged(self, kind: str, requests: dict[str, Request], members: list[int]) -> dict[int, tuple]:
         """One merged call over the rows of several systems; rows interleave item by item, so a
         chunk holds the same items across systems (their prompts pad alike)."""
-        gates = {name: self.systems[name].route(request.conversations) for name, request in requests.items()}
+        gates = {name: self.systems[name].route(request.conversations) if request.conversations else None
+                 for name, request in requests.items()}  # (a router cannot encode an empty batch)
         rows = [(name, j) for j in range(max(len(r.conversations) for r in requests.values()))
                 for name, r in requests.items() if j < len(r.conversations)]
         outputs: dict[tuple[str, int], Any] = {}
