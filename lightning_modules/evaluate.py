@@ -1,7 +1,9 @@
 """Stage `evaluate`: every system on every benchmark, one MLflow run per system, side by side.
 
-Work is a list of (system, benchmark) jobs run through Lightning's predict loop, so under DDP the
-ranks split the jobs; rank 0 gathers them from the job cache in order. Each finished job is cached in the stage folder, so a killed evaluation
+Work is a list of (systems, benchmark) jobs run through Lightning's predict loop, so under DDP the
+ranks split the jobs; rank 0 gathers them from the job cache in order. With `evaluate.batch_systems`
+a job holds every system, which share one model and its calls (SystemFactory, SystemBatch);
+otherwise one system. Each system's result is cached in the stage folder, so a killed evaluation
 resumes per system and benchmark. The stage then logs a comparison table, a bar chart per
 benchmark metric and a Big Five profile chart.
 
