@@ -87,10 +87,8 @@ class StageContext:
     def child_run(self, name: str, tags: dict[str, str], previous: Optional[str] = None) -> str:
         """A child MLflow run of this stage's run (e.g. one per evaluated system): `previous` reopened
         when it still exists (resume), else a new run tagged with the git commit."""
-        if previous and tracking.reopen_run(self.tracking_uri, self.experiment_id, previous):
-            return previous
-        return tracking.start_run(self.tracking_uri, self.experiment_id, name, {**tags, "git_commit": tracking.git_commit()},
-                                  self.run_id)
+        return tracking.open_run(self.tracking_uri, self.experiment_id, name, {**tags, "git_commit": tracking.git_commit()},
+                                 key=tracking.run_key(self.run_id, name), parent_run_id=self.run_id, previous=previous)
 
     def log_params(self, params: dict[str, str]) -> None:
         """Params of this context's run (credentials redacted), so MLflow's compare view says what differed."""
@@ -369,9 +367,8 @@ def _run_stage(cfg, key: StageKey, out, uri, exp_id, parent, results) -> dict[st
             _set_aside(stage_dir, state.get("hash", "unknown"), f"config changed since its last run ({what_changed(state, key)})")
         state = {}
     tags = {**_base_tags(cfg, stage), "stage_hash": h}
-    run_id = state.get("run_id")
-    if not (run_id and tracking.reopen_run(uri, exp_id, run_id)):
-        run_id = tracking.start_run(uri, exp_id, stage, tags, parent)
+    run_id = tracking.open_run(uri, exp_id, stage, tags, key=tracking.run_key(str(stage_dir.resolve()), h),
+                               parent_run_id=parent, previous=state.get("run_id"))
     tracking.log_params(uri, run_id, stage_settings(cfg, stage))
     record = {"hash": h, "run_id": run_id, "inputs": key.inputs, "upstream": key.upstream}
     atomic_write_text(state_file, json.dumps({**record, "complete": False}))
@@ -457,12 +454,11 @@ def _unused_name(path: Path) -> Path:
 def _resume_or_start(state_file: Path, uri: str, exp_id: str, name: str, tags: dict[str, str]) -> str:
     """Continue the parent run of an interrupted pipeline instead of starting a duplicate."""
     state = read_json(state_file) or {}
-    run_id = state.get("run_id")
-    if run_id and tracking.reopen_run(uri, exp_id, run_id):
-        return run_id
     # `personafuse sweep` sets PERSONAFUSE_PARENT_RUN_ID so each trial nests under the sweep run.
-    run_id = tracking.start_run(uri, exp_id, name, tags, os.environ.get(PARENT_RUN_ENV) or None)
-    atomic_write_text(state_file, json.dumps({"run_id": run_id, "tracking_uri": uri}))
+    run_id = tracking.open_run(uri, exp_id, name, tags, key=tracking.run_key(str(state_file.parent.resolve()), "pipeline"),
+                               parent_run_id=os.environ.get(PARENT_RUN_ENV) or None, previous=state.get("run_id"))
+    if run_id != state.get("run_id"):
+        atomic_write_text(state_file, json.dumps({"run_id": run_id, "tracking_uri": uri}))
     return run_id
 
 

@@ -99,6 +99,38 @@ def start_run(
     return run.info.run_id
 
 
+RUN_KEY_TAG = "personafuse.run_key"
+
+
+def run_key(*parts: str) -> str:
+    """A stable id for "the run of this role" (pipeline folder, stage + hash, system), stored as a tag
+    so a run created just before a kill -9 — before its id reached a state file — is found again."""
+    import hashlib
+
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
+
+
+def open_run(uri: str, exp_id: str, name: str, tags: dict[str, str], *, key: str,
+             parent_run_id: Optional[str] = None, previous: Optional[str] = None) -> str:
+    """The run to log into: `previous` (the id a state file recorded) reopened; else the unfinished run
+    a killed attempt created under the same `key`; else a new run. Never a duplicate per key."""
+    if previous and reopen_run(uri, exp_id, previous):
+        return previous
+    orphan = _unfinished_run(uri, exp_id, key)
+    if orphan and reopen_run(uri, exp_id, orphan):
+        return orphan
+    return start_run(uri, exp_id, name, {**tags, RUN_KEY_TAG: key}, parent_run_id)
+
+
+def _unfinished_run(uri: str, exp_id: str, key: str) -> Optional[str]:
+    import mlflow
+
+    found = mlflow.MlflowClient(uri).search_runs(
+        [exp_id], f"tags.`{RUN_KEY_TAG}` = '{key}' and attributes.status != 'FINISHED'", max_results=1,
+        order_by=["attributes.start_time DESC"])
+    return found[0].info.run_id if found else None
+
+
 def reopen_run(uri: str, exp_id: str, run_id: str) -> bool:
     """Mark an interrupted run RUNNING again; False when the store no longer holds it (the store
     was deleted, or tracking points elsewhere now), so the caller starts a fresh run instead."""

@@ -211,18 +211,14 @@ def _resume_or_start_parent(sweep: Sweep, state: SweepState, uri: str, exp_id: s
     import mlflow
 
     client = mlflow.MlflowClient(uri)
-    run_id = state.data.get("run_id")
-    if run_id:
-        try:
-            if client.get_run(run_id).info.experiment_id == exp_id:
-                client.update_run(run_id, status="RUNNING")
-                return run_id
-        except Exception:  # the store was reset: start over
-            pass
     spec = sweep.spec
     tags = {"stage": "sweep", "sweep": sweep.name, "sweep.method": spec.method, "sweep.objective": spec.objective.metric,
             "sweep.direction": spec.objective.direction, "base_config": spec.base, "git_commit": tracking.git_commit()}
-    run_id = tracking.start_run(uri, exp_id, sweep.name, tags)
+    previous = state.data.get("run_id")
+    run_id = tracking.open_run(uri, exp_id, sweep.name, tags, key=tracking.run_key(str(sweep.folder.resolve()), "sweep"),
+                               previous=previous)
+    if run_id == previous:
+        return run_id
     structured = OmegaConf.structured(spec)
     tracking.log_params(uri, run_id, flatten(OmegaConf.to_container(structured, resolve=True)))
     spec_file = sweep.folder / "sweep.yaml"

@@ -111,3 +111,25 @@ def test_end_run_tree_marks_what_an_exception_or_interrupt_ended(tmp_path):
     status = {r: client.get_run(r).info.status for r in (parent, stage, system, done)}
     assert status == {parent: "KILLED", stage: "KILLED", system: "KILLED", done: "FINISHED"}
     assert tracking.reopen_run(uri, exp, stage) and client.get_run(stage).info.status == "RUNNING"  # a rerun resumes it
+
+
+def test_a_run_created_just_before_a_kill_is_adopted_not_duplicated(tmp_path):
+    """kill -9 between creating a run and writing its id to a state file: the relaunch, which has no id,
+    finds the unfinished run by its key instead of creating a second one (CI once saw 14 runs for 13)."""
+    import mlflow
+
+    from experiments import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = tracking.get_or_create_experiment("orphans", uri)
+    key = tracking.run_key("out/evaluate", "evaluate:base")
+    orphan = tracking.open_run(uri, exp, "evaluate:base", {}, key=key)  # its id never reached system_runs.json
+    assert tracking.open_run(uri, exp, "evaluate:base", {}, key=key) == orphan
+    client = mlflow.MlflowClient(uri)
+    client.set_terminated(orphan, "FINISHED")
+    rerun = tracking.open_run(uri, exp, "evaluate:base", {}, key=key)  # a finished run is a result, not an orphan
+    assert rerun != orphan
+    other = tracking.open_run(uri, exp, "evaluate:sft", {}, key=tracking.run_key("out/evaluate", "evaluate:sft"))
+    assert other not in (orphan, rerun)
+    assert tracking.open_run(uri, exp, "evaluate:base", {}, key=key, previous=orphan) == orphan  # a recorded id wins
+    assert len(client.search_runs([exp])) == 3
