@@ -21,7 +21,7 @@ from datamodules.io import DataError
 from datamodules.personas import load_personas
 from datamodules.sft import IGNORE_INDEX, PersonaSFTDataModule, SFTRecord, load_sft_records, persona_example_records
 from lightning_modules.common import (
-    adamw, best_checkpoint, build_trainer, gathered_parameters, last_checkpoint, persona_model_factory,
+    adamw, best_checkpoint, build_trainer, clip_gradients, fsdp_wrapped, gathered_parameters, last_checkpoint, persona_model_factory,
     refusing_unsafe_checkpoint, seed_everything, zero3_model_init,
 )
 
@@ -43,10 +43,11 @@ class AdapterSFTModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold the experts only
 
     def configure_model(self) -> None:
-        # Built here, not in __init__, so DeepSpeed ZeRO-3 can shard it as it is created.
+        # Built here, not in __init__, so DeepSpeed ZeRO-3 can shard it as it is created; FSDP wraps it once.
         if self.model is None:
-            with zero3_model_init(self._trainer.strategy if self._trainer is not None else None):
-                self.model = self.model_factory()
+            strategy = self._trainer.strategy if self._trainer is not None else None
+            with zero3_model_init(strategy):
+                self.model = fsdp_wrapped(strategy, self.model_factory())
 
     def training_step(self, batch, batch_idx):
         loss, _, _ = self._step(batch)
@@ -84,6 +85,9 @@ class AdapterSFTModule(L.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         return adamw(params, self.lr, self.weight_decay)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip_gradients(self, self.model, optimizer, gradient_clip_val, gradient_clip_algorithm)  # FSDP: on its root
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if ".lora_" in k}
 
@@ -110,7 +114,7 @@ def train_experts(ctx, records: list[SFTRecord], expert_names: Sequence[str]) ->
         after = _val_losses(trainer.validate(module, datamodule=data, ckpt_path=exported, weights_only=True, verbose=False))
     adapters = ctx.stage_dir / "adapters"
     experts = [p for layer in module.model.persona_layers() for p in (layer.lora_A, layer.lora_B)]
-    with gathered_parameters(trainer.strategy, experts):  # ZeRO-3: whole experts on every rank
+    with gathered_parameters(trainer.strategy, experts):  # ZeRO-3 / FSDP: whole experts where they are written
         if trainer.is_global_zero:
             for name in expert_names:
                 module.model.export_peft(name, adapters / name, cfg.model.name_or_path, cfg.model.revision)

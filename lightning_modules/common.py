@@ -52,6 +52,10 @@ def load_experts(model_cfg: ModelConfig, lora: LoraConfig, adapters_dir: str, ex
     return model.to(pick_device(model_cfg.device)).eval(), tok
 
 
+CPU_STRATEGIES = ("ddp_cpu", "fsdp_cpu")
+"""Strategy ids that run on CPU processes (gloo) whatever trainer.accelerator says."""
+
+
 def build_strategy(name: str, accelerator: str, find_unused_parameters: bool = False):
     """A registered strategy id (lightning_modules/strategies.py) -> what Lightning's Trainer accepts.
 
@@ -68,7 +72,7 @@ def predict_trainer(t: TrainerConfig, spread: bool, cpu: bool = False, **extra) 
     lets Lightning replicate over the devices); else one device, one process. Sharded training
     strategies (FSDP, DeepSpeed) buy nothing for inference and become "auto". cpu: force the CPU.
     """
-    accelerator = "cpu" if cpu or t.strategy == "ddp_cpu" else t.accelerator
+    accelerator = "cpu" if cpu or t.strategy in CPU_STRATEGIES else t.accelerator
     ddp = spread and t.strategy in ("ddp", "ddp_cpu")
     return L.Trainer(accelerator=accelerator, devices=t.devices if spread else 1, num_nodes=t.num_nodes if spread else 1,
                      strategy=build_strategy(t.strategy, accelerator) if ddp else "auto", logger=False,
@@ -82,12 +86,62 @@ def is_zero3(strategy) -> bool:
     return isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
 
 
+def is_fsdp(strategy) -> bool:
+    """Whether parameters are sharded across ranks by torch's FSDP (ids fsdp, fsdp_cpu)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(strategy, FSDPStrategy)
+
+
+def fsdp_wrapped(strategy, module: torch.nn.Module) -> torch.nn.Module:
+    """`module` sharded by FSDP as a whole, root included, when called in `configure_model`; else unchanged.
+
+    Left to Lightning, FSDP wraps the LightningModule anew at every Trainer call, but the blocks it
+    wrapped at the first call stay wrapped, so the next call sees "already wrapped", skips the root,
+    and the root's tensors (embeddings, lm_head) stay as 1-D shards: `trainer.validate` before or
+    after `fit` fails with "'weight' must be 2-D" (Lightning issue #19015). Wrapped here once, the
+    model is whole for every call. `wrap` takes the strategy's policy, precision and sharding from
+    Lightning's `model_sharded_context`; device_id is the root device because torch's FSDP refuses
+    CPU modules without one (Lightning passes the device index, None on CPU).
+    """
+    if not is_fsdp(strategy):
+        return module
+    from torch.distributed.fsdp.wrap import wrap
+
+    return wrap(module, device_id=strategy.root_device)
+
+
+def clip_gradients(module: L.LightningModule, root: torch.nn.Module, optimizer, clip_val, algorithm) -> None:
+    """A stage's `configure_gradient_clipping`: norm clipping under FSDP runs on the FSDP root `root`.
+
+    The norm of sharded gradients needs every rank's shard, which only the root's `clip_grad_norm_`
+    all-reduces; Lightning's FSDP precision plugin refuses norm clipping because it cannot find that
+    root. Anything else (no FSDP, clipping by value, no clipping) is Lightning's own `clip_gradients`.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(root, FullyShardedDataParallel) and clip_val and algorithm in (None, "norm"):
+        root.clip_grad_norm_(clip_val)
+    else:
+        module.clip_gradients(optimizer, clip_val, algorithm)
+
+
 @contextmanager
 def gathered_parameters(strategy, params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
-    """Full values of ZeRO-3-partitioned parameters inside the block (to export adapters); a no-op otherwise.
+    """Full values of sharded parameters inside the block (to export adapters); a no-op otherwise.
 
-    Under ZeRO-3 this is a collective: every rank must enter it, not only the one that writes files.
+    ZeRO-3: gathers `params` on every rank. FSDP: gathers whole units (FSDP cannot gather single
+    tensors) of every FSDP module in the LightningModule, on rank 0 only (the rank that writes
+    files), copied to CPU off a GPU so a rank holds one full model at most in host memory, not GPU
+    memory. Either way this is a collective: every rank must enter it, not only the one that writes.
     """
+    if is_fsdp(strategy):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(strategy.lightning_module, writeback=False, rank0_only=True,
+                                                         offload_to_cpu=strategy.root_device.type != "cpu"):
+            yield
+        return
     if not is_zero3(strategy):
         yield
         return
@@ -199,7 +253,7 @@ def build_trainer(
         ))
         callbacks.append(RandomStateCheckpoint())
     logger = MLFlowLogger(tracking_uri=tracking_uri, run_id=run_id)
-    accelerator = cfg.accelerator if cfg.strategy != "ddp_cpu" else "cpu"
+    accelerator = "cpu" if cfg.strategy in CPU_STRATEGIES else cfg.accelerator
     return L.Trainer(
         accelerator=accelerator,
         devices=cfg.devices,

@@ -1,0 +1,105 @@
+"""Adapter SFT under FSDP (2 CPU processes, gloo): the exported PEFT adapters hold whole tensors and
+equal those of one process trained on the same global batch; PEFT loads them.
+
+The data is `test_ddp_cpu.py`'s (every step sees the whole training set, every example has the same
+number of loss tokens), so the sharded and the single-process runs take the same optimizer steps and
+their experts may differ only by float rounding. The stage runs with this file as the driver script
+(Lightning re-executes it for rank 1).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_stage(tmp_path: Path, name: str, uri: str, overrides: list[str]) -> Path:
+    """One adapter_sft stage in a fresh process (this file as the driver); returns its adapters folder."""
+    from experiments import tracking
+
+    exp_id = tracking.get_or_create_experiment("fsdp_cpu_test", uri)
+    run_id = tracking.start_run(uri, exp_id, name, {"stage": "adapter_sft"})
+    out = tmp_path / name
+    cmd = [sys.executable, __file__, str(out), uri, exp_id, run_id, *overrides]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return out / "adapter_sft" / "adapters"
+
+
+def test_fsdp_two_cpu_processes_export_the_experts_one_process_trains(tmp_path, mlflow_uri, tiny_model_path):
+    import torch
+    from safetensors.torch import load_file
+    from test_ddp_cpu import write_records
+
+    records = write_records(tmp_path / "records.jsonl")
+    common = [f"adapter_sft.data={records}", "adapter_sft.include_persona_examples=false", "lora.dropout=0",
+              "lora.r=4", "trainer.max_steps=3", "trainer.checkpoint_every_n_steps=100", "adapter_sft.lr=0.01"]
+    fsdp = run_stage(tmp_path, "fsdp", mlflow_uri, common + ["trainer.strategy=fsdp_cpu", "trainer.devices=2",
+                                                             "adapter_sft.batch_size=10"])
+    single = run_stage(tmp_path, "single", mlflow_uri, common + ["trainer.strategy=auto", "trainer.accelerator=cpu",
+                                                                 "trainer.devices=1", "adapter_sft.batch_size=20"])
+    state = json.loads((tmp_path / "fsdp" / "result.json").read_text())
+    assert state == {"world_size": 2, "steps": 3, "fsdp_units": 2 + 1}  # tiny model: 2 blocks + the root
+    experts = sorted(p.name for p in single.iterdir())
+    assert len(experts) == 10 and sorted(p.name for p in fsdp.iterdir()) == experts
+    trained = 0.0
+    for expert in experts:
+        a = load_file(str(fsdp / expert / "adapter_model.safetensors"))
+        b = load_file(str(single / expert / "adapter_model.safetensors"))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key].shape == b[key].shape, f"{expert}: {key} exported as a shard {tuple(a[key].shape)}"
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=f"{expert}: {key}")
+            if ".lora_B." in key:
+                trained += float(b[key].abs().sum())
+    assert trained > 0  # B starts at zero: the experts really moved
+    assert_peft_loads(fsdp / experts[0], tiny_model_path, load_file(str(fsdp / experts[0] / "adapter_model.safetensors")))
+
+
+def assert_peft_loads(folder: Path, base_path: str, tensors: dict) -> None:
+    """PeftModel.from_pretrained takes the FSDP export unchanged and holds exactly its tensors."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), str(folder))
+    loaded = {k: v for k, v in peft.state_dict().items() if ".lora_" in k}
+    assert len(loaded) == len(tensors)
+    for key, value in tensors.items():
+        torch.testing.assert_close(loaded[key.replace(".weight", ".default.weight")], value, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- the driver (every rank runs it)
+
+
+def main(out: Path, uri: str, exp_id: str, run_id: str, overrides: list[str]) -> None:
+    from experiments.config import load_config
+    from experiments.pipeline import StageContext
+    from lightning_modules import adapter_sft
+
+    cfg = load_config(ROOT / "experiments" / "smoke.yaml", overrides + [f"output_dir={out}"])
+    stage_dir = out / "adapter_sft"
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    result = adapter_sft.run(StageContext(cfg, "adapter_sft", stage_dir, out, uri, exp_id, run_id))
+    import gc
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    units = sum(isinstance(o, FullyShardedDataParallel) for o in gc.get_objects())  # proof it really sharded
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        (out / "result.json").write_text(json.dumps({"world_size": world, "steps": result["steps"], "fsdp_units": units}))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:])
