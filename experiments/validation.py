@@ -116,6 +116,7 @@ def preflight(cfg: Any) -> None:
             check_teacher(cfg.evaluate.judge.teacher, "evaluate.judge.teacher")
         check_evaluation(cfg, list(cfg.stages))
     _check_strategy(cfg.trainer.strategy)
+    _check_fsdp(cfg)
 
 
 def _load(loader, *args):
@@ -169,3 +170,24 @@ def _check_strategy(strategy: str) -> None:
 
     if strategy in DEEPSPEED_CONFIGS and not (project_root() / DEEPSPEED_CONFIGS[strategy]).is_file():
         raise ConfigError(f"key 'trainer.strategy': {strategy} needs {DEEPSPEED_CONFIGS[strategy]}, which is missing")
+
+
+def _check_fsdp(cfg: Any) -> None:
+    """The FSDP settings that would fail only once a Trainer starts (or, for joint, would train wrongly)."""
+    strategy, accelerator = cfg.trainer.strategy, cfg.trainer.accelerator
+    if strategy == "fsdp" and (accelerator == "cpu" or (accelerator == "auto" and not _cuda_available())):
+        raise ConfigError(f"key 'trainer.strategy': fsdp needs a GPU (Lightning's FSDP refuses "
+                          f"trainer.accelerator={accelerator}{'' if accelerator == 'cpu' else ' without CUDA'}); "
+                          "use trainer.strategy=fsdp_cpu for FSDP over CPU processes (gloo, for testing)")
+    if strategy in ("fsdp", "fsdp_cpu") and "joint" in cfg.stages:
+        raise ConfigError(f"key 'trainer.strategy': {strategy} cannot run stage joint yet: Lightning would re-wrap its "
+                          "model at each of its Trainer calls (validate, fit, validate; Lightning issue #19015) and "
+                          "it saves experts and router without gathering their shards; use ddp or deepspeed_zero2 "
+                          "for a run with joint")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+

@@ -54,6 +54,8 @@ def load_experts(model_cfg: ModelConfig, lora: LoraConfig, adapters_dir: str, ex
 
 CPU_STRATEGIES = ("ddp_cpu", "fsdp_cpu")
 """Strategy ids that run on CPU processes (gloo) whatever trainer.accelerator says."""
+REPLICATED = {"fsdp": "ddp", "fsdp_cpu": "ddp_cpu"}
+"""The data-parallel id a stage with a small model runs instead of a sharded one (`build_trainer(shard=False)`)."""
 
 
 def build_strategy(name: str, accelerator: str, find_unused_parameters: bool = False):
@@ -174,6 +176,12 @@ def zero3_model_init(strategy) -> Iterator[None]:
 # The frozen base model sits in eval mode on purpose (no dropout in frozen layers); Lightning warns
 # about every such module at the start of each fit.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+# FSDP warns (per block, per Trainer call) that a unit mixing frozen and trainable tensors gets a
+# gradient buffer for all of it: the block's size, not the experts'. Known and accepted: the experts
+# sit inside the blocks (PersonaLoRALinear reads its frozen weight directly), so they cannot be units
+# of their own. Cost: one gradient-sized copy of the model, sharded (Llama-3.1-8B in bf16 on 8 GPUs:
+# ~2 GB per GPU, about 17x the experts' own 13M parameters per block at r=16 with ten experts).
+warnings.filterwarnings("ignore", message=r".* has both parameters with requires_grad=True and False")
 
 
 def adamw(params, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
@@ -236,11 +244,14 @@ def build_trainer(
     extra_callbacks: Optional[list] = None,
     find_unused_parameters: bool = False,
     keep_best: Optional[str] = None,
+    shard: bool = True,
 ) -> L.Trainer:
     """A Trainer that logs into the stage's MLflow run and checkpoints into the stage folder.
 
     keep_best: a validation metric to minimise; the validated step with its lowest value is also
-    kept, as checkpoints/best-step=N.ckpt (see `best_checkpoint`)."""
+    kept, as checkpoints/best-step=N.ckpt (see `best_checkpoint`).
+    shard=False: FSDP ids become their DDP counterpart (REPLICATED), for a model whose every
+    replica fits easily (the router's MLP): sharding it buys no memory and costs a gather per step."""
     callbacks = [TQDMProgressBar(refresh_rate=1)] + list(extra_callbacks or [])
     if checkpoint:
         if keep_best:  # listed before the last-step callback so that it runs first at validation end
@@ -254,11 +265,12 @@ def build_trainer(
         callbacks.append(RandomStateCheckpoint())
     logger = MLFlowLogger(tracking_uri=tracking_uri, run_id=run_id)
     accelerator = "cpu" if cfg.strategy in CPU_STRATEGIES else cfg.accelerator
+    strategy = cfg.strategy if shard else REPLICATED.get(cfg.strategy, cfg.strategy)
     return L.Trainer(
         accelerator=accelerator,
         devices=cfg.devices,
         num_nodes=cfg.num_nodes,
-        strategy=build_strategy(cfg.strategy, accelerator, find_unused_parameters),
+        strategy=build_strategy(strategy, accelerator, find_unused_parameters),
         precision=cfg.precision,
         max_steps=max_steps,
         max_epochs=max_epochs,

@@ -142,7 +142,8 @@ def run(ctx) -> dict:
     router = Router(emb.shape[1], len(personas.ids), rc.hidden, rc.dropout, GateSettings(rc.gate, rc.temperature, rc.top_k))
     module = RouterModule(router, personas.ids, rc.loss, personas.trait_pairs(), rc.lr)
     trainer = build_trainer(cfg.trainer, ctx.stage_dir, ctx.tracking_uri, ctx.run_id, max_steps=-1,
-                            max_epochs=rc.max_epochs, checkpoint=False, find_unused_parameters=True)
+                            max_epochs=rc.max_epochs, checkpoint=False, find_unused_parameters=True,
+                            shard=False)  # an MLP on cached embeddings: whole on every rank, so saved whole
     trainer.fit(module, loaders["train"], loaders["val"])
     test = {k: float(v) for k, v in trainer.test(module, loaders["test"], verbose=False)[0].items()}
     folder = ctx.stage_dir / "router"

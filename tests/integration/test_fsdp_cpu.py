@@ -78,6 +78,39 @@ def assert_peft_loads(folder: Path, base_path: str, tensors: dict) -> None:
         torch.testing.assert_close(loaded[key.replace(".weight", ".default.weight")], value, rtol=0, atol=0)
 
 
+def test_cli_pipeline_under_fsdp_two_cpu_processes(tmp_path, tiny_model_path):
+    """`personafuse run … trainer.strategy=fsdp_cpu trainer.devices=2` through adapter_sft and router:
+    Lightning starts rank 1 by re-running the command; the router (an MLP) trains data-parallel;
+    rank 0 alone logs, one MLflow run per stage; the adapters and the router are saved whole."""
+    import mlflow
+    import torch
+    from safetensors.torch import load_file
+
+    from lightning_modules.components.router import load_router
+
+    out, uri = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [sys.executable, "-m", "experiments.cli", "run", str(ROOT / "experiments/smoke.yaml"),
+           "stages=[adapter_sft,router]", "trainer.strategy=fsdp_cpu", "trainer.devices=2", "trainer.max_steps=2",
+           f"output_dir={out}", f"tracking.tracking_uri={uri}"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stderr + proc.stdout
+    for stage in ("adapter_sft", "router"):
+        assert json.loads((out / stage / "state.json").read_text())["complete"], stage
+    adapters = sorted((out / "adapter_sft" / "adapters").iterdir())
+    assert len(adapters) == 10
+    tensors = load_file(str(adapters[0] / "adapter_model.safetensors"))
+    assert any(float(v.abs().sum()) > 0 for k, v in tensors.items() if ".lora_B." in k)  # trained, not the zero init
+    assert_peft_loads(adapters[0], tiny_model_path, tensors)
+    router, _ = load_router(out / "router" / "router")  # load_state_dict is strict: whole tensors or an error
+    assert all(torch.isfinite(p).all() for p in router.parameters())
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert sorted(r.data.tags["stage"] for r in runs) == ["adapter_sft", "pipeline", "router"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+
+
 # --------------------------------------------------------------------------- the driver (every rank runs it)
 
 
