@@ -1,5 +1,5 @@
 """Adapter SFT under FSDP (2 CPU processes, gloo): the exported PEFT adapters hold whole tensors and
-equal those of one process trained on the same global batch; PEFT loads them.
+equal those of one process trained on the same global batch, also after a resume; PEFT loads them.
 
 The data is `test_ddp_cpu.py`'s (every step sees the whole training set, every example has the same
 number of loss tokens), so the sharded and the single-process runs take the same optimizer steps and
@@ -35,25 +35,32 @@ def run_stage(tmp_path: Path, name: str, uri: str, overrides: list[str]) -> Path
     return out / "adapter_sft" / "adapters"
 
 
-def test_fsdp_two_cpu_processes_export_the_experts_one_process_trains(tmp_path, mlflow_uri, tiny_model_path):
+def test_fsdp_two_cpu_processes_export_and_resume_to_the_experts_one_process_trains(tmp_path, mlflow_uri,
+                                                                                      tiny_model_path):
+    """3 steps under FSDP (whole adapters, PEFT loads them), then a resume from its full-state last.ckpt
+    to step 5: the exported experts equal 5 uninterrupted steps of one process."""
     import torch
     from safetensors.torch import load_file
     from test_ddp_cpu import write_records
 
     records = write_records(tmp_path / "records.jsonl")
     common = [f"adapter_sft.data={records}", "adapter_sft.include_persona_examples=false", "lora.dropout=0",
-              "lora.r=4", "trainer.max_steps=3", "trainer.checkpoint_every_n_steps=100", "adapter_sft.lr=0.01"]
-    fsdp = run_stage(tmp_path, "fsdp", mlflow_uri, common + ["trainer.strategy=fsdp_cpu", "trainer.devices=2",
-                                                             "adapter_sft.batch_size=10"])
-    single = run_stage(tmp_path, "single", mlflow_uri, common + ["trainer.strategy=auto", "trainer.accelerator=cpu",
-                                                                 "trainer.devices=1", "adapter_sft.batch_size=20"])
-    state = json.loads((tmp_path / "fsdp" / "result.json").read_text())
-    assert state == {"world_size": 2, "steps": 3, "fsdp_units": 2 + 1}  # tiny model: 2 blocks + the root
+              "lora.r=4", "trainer.checkpoint_every_n_steps=100", "adapter_sft.lr=0.01"]
+    fsdp = common + ["trainer.strategy=fsdp_cpu", "trainer.devices=2", "adapter_sft.batch_size=10"]
+    first = run_stage(tmp_path, "fsdp", mlflow_uri, fsdp + ["trainer.max_steps=3"])
+    assert json.loads((tmp_path / "fsdp" / "result.json").read_text()) == {
+        "world_size": 2, "steps": 3, "fsdp_units": 2 + 1}  # the tiny model's 2 blocks + the root: really sharded
+    assert_peft_loads(first / "openness_high", tiny_model_path, load_file(str(first / "openness_high" / "adapter_model.safetensors")))
+    resumed = run_stage(tmp_path, "fsdp", mlflow_uri, fsdp + ["trainer.max_steps=5"])
+    assert json.loads((tmp_path / "fsdp" / "result.json").read_text())["steps"] == 5
+    single = run_stage(tmp_path, "single", mlflow_uri, common + ["trainer.max_steps=5", "trainer.strategy=auto",
+                                                                 "trainer.accelerator=cpu", "trainer.devices=1",
+                                                                 "adapter_sft.batch_size=20"])
     experts = sorted(p.name for p in single.iterdir())
-    assert len(experts) == 10 and sorted(p.name for p in fsdp.iterdir()) == experts
+    assert len(experts) == 10 and sorted(p.name for p in resumed.iterdir()) == experts
     trained = 0.0
     for expert in experts:
-        a = load_file(str(fsdp / expert / "adapter_model.safetensors"))
+        a = load_file(str(resumed / expert / "adapter_model.safetensors"))
         b = load_file(str(single / expert / "adapter_model.safetensors"))
         assert a.keys() == b.keys()
         for key in a:
@@ -62,7 +69,6 @@ def test_fsdp_two_cpu_processes_export_the_experts_one_process_trains(tmp_path, 
             if ".lora_B." in key:
                 trained += float(b[key].abs().sum())
     assert trained > 0  # B starts at zero: the experts really moved
-    assert_peft_loads(fsdp / experts[0], tiny_model_path, load_file(str(fsdp / experts[0] / "adapter_model.safetensors")))
 
 
 def assert_peft_loads(folder: Path, base_path: str, tensors: dict) -> None:
