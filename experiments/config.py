@@ -59,7 +59,7 @@ class TrainerConfig:
     num_nodes: int = 1
     """Nodes for multi-node runs (SLURM)."""
     strategy: str = "auto"
-    """Registered strategy id: auto, ddp, ddp_cpu, fsdp, deepspeed_zero2, deepspeed_zero3."""
+    """Registered strategy id: auto, ddp, ddp_cpu, fsdp, fsdp_cpu, deepspeed_zero2, deepspeed_zero3."""
     precision: str = "32-true"
     """Lightning precision: 32-true, bf16-mixed, bf16-true, 16-mixed."""
     max_steps: int = 20

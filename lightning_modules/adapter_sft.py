@@ -21,8 +21,8 @@ from datamodules.io import DataError
 from datamodules.personas import load_personas
 from datamodules.sft import IGNORE_INDEX, PersonaSFTDataModule, SFTRecord, load_sft_records, persona_example_records
 from lightning_modules.common import (
-    adamw, best_checkpoint, build_trainer, clip_gradients, fsdp_wrapped, gathered_parameters, last_checkpoint, persona_model_factory,
-    refusing_unsafe_checkpoint, seed_everything, zero3_model_init,
+    adamw, best_checkpoint, build_trainer, clip_gradients, fsdp_wrapped, gathered_parameters, last_checkpoint,
+    persona_model_factory, refusing_unsafe_checkpoint, seed_everything, zero3_model_init,
 )
 
 

@@ -140,8 +140,10 @@ def gathered_parameters(strategy, params: Iterable[torch.nn.Parameter]) -> Itera
     if is_fsdp(strategy):
         from torch.distributed.fsdp import FullyShardedDataParallel
 
+        # No offload on CPU (nowhere to go) nor for one process (FSDP runs NO_SHARD then and refuses it).
+        offload = strategy.root_device.type != "cpu" and strategy.world_size > 1
         with FullyShardedDataParallel.summon_full_params(strategy.lightning_module, writeback=False, rank0_only=True,
-                                                         offload_to_cpu=strategy.root_device.type != "cpu"):
+                                                         offload_to_cpu=offload):
             yield
         return
     if not is_zero3(strategy):

@@ -5,6 +5,8 @@ list and validate ids cheaply. Add a strategy: one builder function and one `STR
 """
 from __future__ import annotations
 
+import functools
+
 import yaml
 
 from datamodules.io import Registry, project_root
@@ -21,7 +23,7 @@ def auto_strategy(find_unused_parameters: bool = False):
     return "auto"
 
 
-def fsdp_strategy(find_unused_parameters: bool = False, backend=None):
+def fsdp_strategy(find_unused_parameters: bool = False, backend=None, strategy_class=None):
     """torch's FullyShardedDataParallel through Lightning, one shard unit per transformer block.
 
     Units are transformers' GradientCheckpointingLayer, the base class of every decoder layer in
@@ -29,13 +31,13 @@ def fsdp_strategy(find_unused_parameters: bool = False, backend=None):
     without naming its layer class; a model without such layers is one unit (correct, less sharded).
     use_orig_params: the base is frozen and only the LoRA experts inside those blocks train; FSDP
     mixes frozen and trainable tensors in one unit only with it. Stages wrap their model themselves
-    (common.fsdp_wrapped), so find_unused_parameters, a DDP check, has no FSDP counterpart.
+    (common.fsdp_wrapped). find_unused_parameters is a DDP check with no FSDP counterpart.
     """
     from lightning.pytorch.strategies import FSDPStrategy
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    return FSDPStrategy(auto_wrap_policy={GradientCheckpointingLayer}, use_orig_params=True,
-                        process_group_backend=backend)
+    return (strategy_class or FSDPStrategy)(auto_wrap_policy={GradientCheckpointingLayer}, use_orig_params=True,
+                                            process_group_backend=backend)
 
 
 def fsdp_cpu_strategy(find_unused_parameters: bool = False):
@@ -44,15 +46,21 @@ def fsdp_cpu_strategy(find_unused_parameters: bool = False):
     torch's FSDP runs on CPU when given device_id=cpu (common.fsdp_wrapped passes the root device),
     but Lightning's Trainer refuses an FSDPStrategy with a non-CUDA accelerator. It checks the exact
     type (`type(strategy) is FSDPStrategy`), so a subclass passes. The subclass also gathers full
-    checkpoints without Lightning's offload_to_cpu=True, which crashes on CPU (see _CPUFSDP).
+    checkpoints without Lightning's offload_to_cpu=True, which crashes on CPU (see _cpu_fsdp_class).
     """
-    strategy = fsdp_strategy(find_unused_parameters, backend="gloo")
-    strategy.__class__ = _cpu_fsdp_class()
-    return strategy
+    return fsdp_strategy(find_unused_parameters, backend="gloo", strategy_class=_cpu_fsdp_class())
 
 
+@functools.cache
 def _cpu_fsdp_class():
-    """The CPU subclass, made on first use so that this module imports without Lightning."""
+    """Lightning's FSDPStrategy whose full-state checkpoints stay where the tensors are (built on
+    first use, so that this module imports without Lightning).
+
+    Lightning always asks FSDP to "offload" a full state dict to CPU; with the tensors already on
+    CPU, torch 2.13's FSDP then segfaults in `state_dict()` (reproduced with two gloo processes and
+    a plain FullStateDictConfig(offload_to_cpu=True); offload_to_cpu=False works). The subclass
+    swaps Lightning's one helper for that context, around the three methods that use it.
+    """
     from contextlib import contextmanager
     from unittest import mock
 
@@ -70,14 +78,7 @@ def _cpu_fsdp_class():
         with mock.patch.object(lightning_fsdp, "_get_full_state_dict_context", full_state_in_place):
             yield
 
-    class _CPUFSDP(lightning_fsdp.FSDPStrategy):
-        """Lightning's FSDPStrategy whose full-state checkpoints stay where the tensors are.
-
-        Lightning always asks FSDP to "offload" a full state dict to CPU; with the tensors already
-        on CPU, torch 2.13's FSDP then segfaults in `state_dict()` (reproduced with two gloo
-        processes and a plain FullStateDictConfig(offload_to_cpu=True); offload_to_cpu=False works).
-        """
-
+    class CPUFSDPStrategy(lightning_fsdp.FSDPStrategy):
         def lightning_module_state_dict(self):
             with no_offload():
                 return super().lightning_module_state_dict()
@@ -90,7 +91,7 @@ def _cpu_fsdp_class():
             with no_offload():
                 return super().load_checkpoint(checkpoint_path, weights_only)
 
-    return _CPUFSDP
+    return CPUFSDPStrategy
 
 
 def ddp_strategy(find_unused_parameters: bool = False, backend=None):

@@ -50,7 +50,8 @@ def test_fsdp_two_cpu_processes_export_and_resume_to_the_experts_one_process_tra
     first = run_stage(tmp_path, "fsdp", mlflow_uri, fsdp + ["trainer.max_steps=3"])
     assert json.loads((tmp_path / "fsdp" / "result.json").read_text()) == {
         "world_size": 2, "steps": 3, "fsdp_units": 2 + 1}  # the tiny model's 2 blocks + the root: really sharded
-    assert_peft_loads(first / "openness_high", tiny_model_path, load_file(str(first / "openness_high" / "adapter_model.safetensors")))
+    expert = first / "openness_high"
+    assert_peft_loads(expert, tiny_model_path, load_file(str(expert / "adapter_model.safetensors")))
     resumed = run_stage(tmp_path, "fsdp", mlflow_uri, fsdp + ["trainer.max_steps=5"])
     assert json.loads((tmp_path / "fsdp" / "result.json").read_text())["steps"] == 5
     single = run_stage(tmp_path, "single", mlflow_uri, common + ["trainer.max_steps=5", "trainer.strategy=auto",

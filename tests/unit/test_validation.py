@@ -61,8 +61,10 @@ def test_benchmark_typo_exits_2_before_any_stage_and_writes_nothing(tmp_path):
       "datagen.teacher.api_key_env=PERSONAFUSE_TEST_UNSET_KEY"],
      r"key 'datagen.teacher.api_key_env': environment variable PERSONAFUSE_TEST_UNSET_KEY is not set"),
     (["evaluate.judge.teacher.kind=openai"], r"key 'evaluate.judge.teacher.base_url' is required"),
-    (["trainer.strategy=fsdp", "trainer.accelerator=cpu"], r"key 'trainer.strategy': fsdp needs a GPU .*use trainer.strategy=fsdp_cpu"),
-    (["trainer.strategy=fsdp_cpu", "stages=[adapter_sft,router,joint]"], r"key 'trainer.strategy': fsdp_cpu cannot run stage joint"),
+    (["trainer.strategy=fsdp", "trainer.accelerator=cpu"],
+     r"key 'trainer.strategy': fsdp needs a GPU .*use trainer.strategy=fsdp_cpu"),
+    (["trainer.strategy=fsdp_cpu", "stages=[adapter_sft,router,joint]"],
+     r"key 'trainer.strategy': fsdp_cpu cannot run stage joint"),
     (["trainer.strategy=fsdp_cpi"], r"key 'trainer.strategy'.*did you mean 'fsdp_cpu'"),
 ])
 def test_preflight_names_the_key(overrides, message, monkeypatch):
