@@ -87,8 +87,9 @@ def assert_peft_loads(folder: Path, base_path: str, tensors: dict) -> None:
 
 def test_cli_pipeline_under_fsdp_two_cpu_processes(tmp_path, tiny_model_path):
     """`personafuse run … trainer.strategy=fsdp_cpu trainer.devices=2` through adapter_sft and router:
-    Lightning starts rank 1 by re-running the command; the router (an MLP) trains data-parallel;
-    rank 0 alone logs, one MLflow run per stage; the adapters and the router are saved whole."""
+    Lightning starts rank 1 by re-running the command; adapter_sft.export=best reloads the kept step
+    from its FSDP checkpoint and exports exactly it; the router (an MLP) trains data-parallel; rank 0
+    alone logs, one MLflow run per stage; the adapters and the router are saved whole."""
     import mlflow
     import torch
     from safetensors.torch import load_file
@@ -98,7 +99,7 @@ def test_cli_pipeline_under_fsdp_two_cpu_processes(tmp_path, tiny_model_path):
     out, uri = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = [sys.executable, "-m", "experiments.cli", "run", str(ROOT / "experiments/smoke.yaml"),
            "stages=[adapter_sft,router]", "trainer.strategy=fsdp_cpu", "trainer.devices=2", "trainer.max_steps=2",
-           f"output_dir={out}", f"tracking.tracking_uri={uri}"]
+           "adapter_sft.export=best", "trainer.val_check_interval=1", f"output_dir={out}", f"tracking.tracking_uri={uri}"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -110,6 +111,13 @@ def test_cli_pipeline_under_fsdp_two_cpu_processes(tmp_path, tiny_model_path):
     tensors = load_file(str(adapters[0] / "adapter_model.safetensors"))
     assert any(float(v.abs().sum()) > 0 for k, v in tensors.items() if ".lora_B." in k)  # trained, not the zero init
     assert_peft_loads(adapters[0], tiny_model_path, tensors)
+    result = json.loads((out / "adapter_sft" / "state.json").read_text())["result"]
+    assert result["exported"].startswith("best-step="), result["exported"]
+    kept = torch.load(out / "adapter_sft" / "checkpoints" / result["exported"], weights_only=True)["state_dict"]
+    e = result["experts"].index(adapters[0].name)
+    for key, value in tensors.items():  # PEFT's per-expert slice of the stacked [E, ...] checkpoint tensor
+        stacked = kept["model.base_model." + key.removeprefix("base_model.model.").removesuffix(".weight")]
+        assert torch.equal(value, stacked[e]), key
     router, _ = load_router(out / "router" / "router")  # load_state_dict is strict: whole tensors or an error
     assert all(torch.isfinite(p).all() for p in router.parameters())
     client = mlflow.MlflowClient(uri)
