@@ -108,9 +108,14 @@ def fsdp_wrapped(strategy, module: torch.nn.Module) -> torch.nn.Module:
     """
     if not is_fsdp(strategy):
         return module
+    from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.fsdp.wrap import wrap
 
-    return wrap(module, device_id=strategy.root_device)
+    wrapped = wrap(module, device_id=strategy.root_device)
+    if not isinstance(wrapped, FullyShardedDataParallel):  # `wrap` is a silent no-op outside that context
+        raise RuntimeError("fsdp_wrapped must be called in LightningModule.configure_model, where Lightning "
+                           "enters the FSDP wrapping context")
+    return wrapped
 
 
 def clip_gradients(module: L.LightningModule, root: torch.nn.Module, optimizer, clip_val, algorithm) -> None:
