@@ -52,13 +52,13 @@ def load_experts(model_cfg: ModelConfig, lora: LoraConfig, adapters_dir: str, ex
     return model.to(pick_device(model_cfg.device)).eval(), tok
 
 
-def build_strategy(name: str, accelerator: str, find_unused_parameters: bool = False):
-    """A registered strategy id (lightning_modules/strategies.py) -> what Lightning's Trainer accepts.
+def build_strategy(t: TrainerConfig, find_unused_parameters: bool = False):
+    """`t.strategy`, a registered id (lightning_modules/strategies.py) -> what Lightning's Trainer accepts.
 
     find_unused_parameters: for modules whose loss may skip some parameters (the router's
     contrastive head when that loss is off); DDP would otherwise stop with an error.
     """
-    return STRATEGIES.get(name)(find_unused_parameters)
+    return STRATEGIES.get(t.strategy)(t, find_unused_parameters)
 
 
 def predict_trainer(t: TrainerConfig, spread: bool, cpu: bool = False, **extra) -> L.Trainer:
@@ -71,7 +71,7 @@ def predict_trainer(t: TrainerConfig, spread: bool, cpu: bool = False, **extra) 
     accelerator = "cpu" if cpu or t.strategy == "ddp_cpu" else t.accelerator
     ddp = spread and t.strategy in ("ddp", "ddp_cpu")
     return L.Trainer(accelerator=accelerator, devices=t.devices if spread else 1, num_nodes=t.num_nodes if spread else 1,
-                     strategy=build_strategy(t.strategy, accelerator) if ddp else "auto", logger=False,
+                     strategy=build_strategy(t) if ddp else "auto", logger=False,
                      enable_checkpointing=False, enable_model_summary=False, **extra)
 
 
@@ -204,7 +204,7 @@ def build_trainer(
         accelerator=accelerator,
         devices=cfg.devices,
         num_nodes=cfg.num_nodes,
-        strategy=build_strategy(cfg.strategy, accelerator, find_unused_parameters),
+        strategy=build_strategy(cfg, find_unused_parameters),
         precision=cfg.precision,
         max_steps=max_steps,
         max_epochs=max_epochs,
