@@ -75,6 +75,26 @@ def test_merged_models_generate_what_base_plus_adapter_generates(run_dir, tmp_pa
     assert not list(tmp_path.glob(".export.partial-*"))
 
 
+def test_merged_model_matches_the_routed_model_with_that_pole_gated_on(run_dir, tmp_path):
+    """The exported PersonaFuse folder (what `personafuse chat OUT` loads), gates one-hot on POLE, against
+    merged/POLE: both below and past the length where generation folds the gates into the weights."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lightning_modules.components.persona_lora import MERGE_PAYS_FROM_TOKENS
+    from lightning_modules.components.personafuse import PersonaFuse, generate_with_gates
+
+    out = tmp_path / "export"
+    assert cli.main(["export", str(run_dir), str(out), "--merge"]) == 0
+    fuse = PersonaFuse.load(out)
+    gates = torch.zeros(1, len(fuse.persona_model.expert_names))
+    gates[0, fuse.persona_model.expert_names.index(POLE)] = 1.0
+    merged, tokenizer = AutoModelForCausalLM.from_pretrained(out / "merged" / POLE), AutoTokenizer.from_pretrained(out / "merged" / POLE)
+    for n in (8, MERGE_PAYS_FROM_TOKENS):
+        routed = generate_with_gates(fuse.persona_model, fuse.tokenizer, [PROMPT], gates, n)
+        assert generate_with_gates(merged, tokenizer, [PROMPT], None, n) == routed and routed[0]
+
+
 def test_incomplete_run_dir_names_what_is_missing_and_writes_nothing(run_dir, tmp_path, capsys):
     partial = tmp_path / "run"
     shutil.copytree(run_dir, partial, ignore=shutil.ignore_patterns("checkpoints", "*.superseded-*"))
