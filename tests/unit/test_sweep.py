@@ -31,10 +31,10 @@ def write_sweep(tmp_path: Path, name: str = "s", **spec) -> Path:
 
 
 @pytest.mark.parametrize("path", SWEEP_FILES, ids=[p.name for p in SWEEP_FILES])
-def test_every_shipped_sweep_loads_and_expands(path):
+def test_every_shipped_sweep_loads_and_expands(path, tmp_path):
     first = path.read_text().splitlines()[0]
     assert first.startswith(f"# personafuse sweep sweeps/{path.name}"), "the first line must give the command"
-    sweep = load_sweep(path)
+    sweep = load_sweep(path, [f"output_dir={tmp_path}"])  # a TPE plan keeps its study in the sweep folder
     plan = make_plan(sweep, [])
     if isinstance(plan, FixedPlan):
         assert plan.total == len(plan.trials) >= 2
