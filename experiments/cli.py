@@ -5,6 +5,7 @@
     personafuse reset STAGE experiments/quickstart.yaml [key=value ...]
     personafuse sweep sweeps/smoke_grid.yaml [--launcher local|slurm] [--dry-run]
     personafuse ui
+    personafuse export RUN_DIR OUT [--merge]
 """
 from __future__ import annotations
 
@@ -137,6 +138,15 @@ def _build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, default=160, help="reply budget (default 160)")
     chat.add_argument("--top", type=int, default=3, help="activated poles shown per turn (default 3)")
     chat.set_defaults(handler=_cmd_chat)
+
+    export = sub.add_parser("export", help="copy a finished run's adapters and router, with a model card, into OUT",
+                            description=_EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    export.add_argument("run_dir", metavar="RUN_DIR", help="a pipeline output_dir that ran adapter_sft and router")
+    export.add_argument("out", metavar="OUT", help="folder to create (must not exist, or be empty)")
+    export.add_argument("--merge", action="store_true",
+                        help="also write merged/<pole>/ (and merged/sft_baseline/): base + adapter as one plain "
+                             "transformers model")
+    export.set_defaults(handler=_cmd_export)
     return parser
 
 
@@ -242,6 +252,23 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     from experiments.chat import chat_loop
 
     return chat_loop(args.source, args.max_new_tokens, args.top)
+
+
+_EXPORT_HELP = """Export a finished run as standard artifacts: OUT/adapters/<pole>/ (PEFT LoRA
+adapters naming a loadable base), OUT/router/, OUT/sft_baseline/ (when trained),
+OUT/personafuse.json (`personafuse chat OUT`) and a README.md model card.
+--merge adds OUT/merged/<name>/: the base with that adapter merged in, which
+transformers' AutoModelForCausalLM loads without peft.
+
+OUT is written in a temporary folder and renamed at the end: never half-written."""
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from experiments.export import export_run
+
+    out = export_run(args.run_dir, args.out, merge=args.merge)
+    console.print(f"[bold green]exported[/] {args.run_dir} to {out} (model card: {out / 'README.md'})")
+    return 0
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

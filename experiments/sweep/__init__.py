@@ -18,6 +18,9 @@ a child of the sweep run (through PERSONAFUSE_PARENT_RUN_ID). Trial status lives
 the same resolved config, reruns failed or interrupted ones (the pipeline resumes their stages)
 and reattaches to SLURM jobs that are still queued or running, and to local trial processes that
 a killed (`kill -9`) sweep process left running (recorded by pid, start time and host).
+A TPE sweep keeps its Optuna study in `<sweep output>/optuna.journal` (Optuna's JournalStorage):
+a relaunch loads it, reruns a trial that was asked but never told as that same Optuna trial, and
+then proposes exactly what an uninterrupted sweep would have (see plans.TPEPlan).
 
 SLURM: one job per trial, or one job array (`array: true`). A job has `nodes` x `gpus_per_node`
 tasks, one per GPU as Lightning's SLURM support expects, and the trial gets the matching
@@ -41,7 +44,7 @@ Package layout (one home per concern; the public names of each are re-exported h
     schema.py     the typed sweep file (SweepSpec, ...), Param, Sweep, SweepError
     loading.py    load_sweep: YAML <- overrides, strict validation with one-line errors
     trials.py     Trial: overrides validated against the experiment schema, identity hash, command
-    plans.py      grid / seeded random / TPE ask-tell plans
+    plans.py      grid / seeded random / TPE ask-tell plans (the TPE study in optuna.journal)
     launchers.py  local and slurm launchers and their --dry-run previews
     dry_run.py    the --dry-run text
     state.py      sweep_state.json and the sweep folder's lock
