@@ -146,6 +146,11 @@ def _build_parser() -> argparse.ArgumentParser:
     export.add_argument("--merge", action="store_true",
                         help="also write merged/<pole>/ (and merged/sft_baseline/): base + adapter as one plain "
                              "transformers model")
+    export.add_argument("--gates", metavar="POLE=W,...", default=None,
+                        help="also write merged/gated/: the experts folded into the base under this fixed gate vector "
+                             "(e.g. extraversion_high=1,agreeableness_high=0.5; unnamed poles get 0)")
+    export.add_argument("--system", metavar="NAME", default=None,
+                        help="also write merged/NAME/ for an evaluated system with fixed gates (expert_<pole>)")
     export.set_defaults(handler=_cmd_export)
     return parser
 
@@ -266,7 +271,7 @@ OUT is written in a temporary folder and renamed at the end: never half-written.
 def _cmd_export(args: argparse.Namespace) -> int:
     from experiments.export import export_run
 
-    out = export_run(args.run_dir, args.out, merge=args.merge)
+    out = export_run(args.run_dir, args.out, merge=args.merge, gates=args.gates, system=args.system)
     console.print(f"[bold green]exported[/] {args.run_dir} to {out} (model card: {out / 'README.md'})")
     return 0
 

@@ -2,12 +2,17 @@
 
     personafuse export outputs/quickstart exports/quickstart            # adapters, router, model card
     personafuse export outputs/quickstart exports/quickstart --merge    # + one plain model per pole
+    personafuse export RUN OUT --gates extraversion_high=1,agreeableness_high=0.5   # + merged/gated/
+    personafuse export RUN OUT --system expert_openness_high                       # + merged/<system>/
 
 OUT holds `adapters/<pole>/` (PEFT LoRA adapters whose adapter_config.json names a loadable base),
 `router/`, `sft_baseline/` (when the run trained it), `personafuse.json` (so `personafuse chat OUT`
 loads it) and a README.md model card; with --merge, `merged/<pole>/` and `merged/sft_baseline/`:
-the base with that adapter merged in (PEFT merge_and_unload), which plain transformers loads. The
-experts come from the joint stage when it finished, else from adapter_sft + router.
+the base with that adapter merged in (PEFT merge_and_unload), which plain transformers loads. With
+--gates (any fixed gate vector) or --system (an evaluated system whose gates are fixed), the ten
+experts are folded into the base under those gates by the same merge the routed model uses when it
+generates (PersonaLoRAModel.merged), so the plain model generates what the routed model with those
+gates generates. The experts come from the joint stage when it finished, else from adapter_sft + router.
 
 Everything is written into a temporary sibling folder that is renamed to OUT at the end, so a kill
 leaves no half-written OUT (only a `.OUT.partial-*` folder to delete).
@@ -15,6 +20,7 @@ leaves no half-written OUT (only a `.OUT.partial-*` folder to delete).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -23,7 +29,7 @@ from typing import Optional
 
 import yaml
 
-from datamodules.io import DataError, atomic_write_text, read_json
+from datamodules.io import DataError, atomic_write_text, did_you_mean, read_json
 
 SFT = "sft_baseline"
 
@@ -89,9 +95,11 @@ def _require_files(models: RunModels) -> None:
         raise ExportError(f"{models.run_dir}: cannot export: missing {', '.join(absent)}")
 
 
-def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> Path:
+def export_run(run_dir: str | Path, out: str | Path, merge: bool = False, gates: Optional[str] = None,
+               system: Optional[str] = None) -> Path:
     """Write OUT whole or not at all (temporary sibling folder, renamed at the end)."""
     models = find_run_models(run_dir)
+    fixed = fixed_gates(models.experts, gates, system)  # checked before anything is written
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} already exists and is not empty: choose another OUT or delete it")
@@ -99,6 +107,10 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> Pat
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         merged = _write(models, tmp, merge)
+        if fixed is not None:
+            name = system or "gated"
+            merge_gates(models, fixed, tmp / "merged" / name)
+            merged.append(name)
         atomic_write_text(tmp / "README.md", model_card(models, merged))
         if out.exists():
             out.rmdir()  # empty: checked above
@@ -164,6 +176,69 @@ def merge_adapter(model: dict, adapter: Path, dest: Path, tokenizer) -> None:
     tokenizer.save_pretrained(str(dest))
 
 
+def fixed_gates(experts: list[str], gates: Optional[str], system: Optional[str]) -> Optional[dict[str, float]]:
+    """--gates 'pole=w,pole=w' or --system NAME as {pole: gate}; None when neither was given. Only a
+    system whose gates do not depend on the conversation can become one plain model."""
+    if gates and system:
+        raise ExportError("give --gates or --system, not both")
+    if system:
+        return _system_gates(system)
+    if not gates:
+        return None
+    vector: dict[str, float] = {}
+    for part in gates.split(","):
+        name, eq, value = part.partition("=")
+        name = name.strip()
+        if name not in experts:
+            raise ExportError(f"--gates: '{name}' is not an expert of this run{did_you_mean(name, experts)} "
+                              f"(experts: {', '.join(experts)})")
+        try:
+            vector[name] = float(value) if eq else float("nan")
+        except ValueError:
+            vector[name] = float("nan")
+        if not math.isfinite(vector[name]):
+            raise ExportError(f"--gates: '{part.strip()}' needs a number after '=' (e.g. {name}=0.5)")
+    if not any(vector.values()):
+        raise ExportError("--gates: every gate is 0, which is the base model itself; nothing to merge")
+    return vector
+
+
+def _system_gates(system: str) -> dict[str, float]:
+    from lightning_modules.evaluate_systems import SYSTEMS
+
+    try:
+        spec = SYSTEMS.get(system)
+    except KeyError as err:
+        raise ExportError(f"--system: {err.args[0]}") from None
+    if spec.gates == "pole":
+        return {spec.pole: 1.0}
+    why = {"single": "it is the SFT baseline's single LoRA: --merge writes it as merged/sft_baseline",
+           None: "it has no experts to merge"}.get(spec.gates, f"its gates ({spec.gates}) depend on each conversation")
+    if spec.persona_prompt:
+        why = "its persona prompt is text, not weights"
+    raise ExportError(f"--system {system}: cannot be one plain model: {why}. Systems with fixed gates: "
+                      "expert_<pole>; any fixed vector: --gates pole=w,...")
+
+
+def merge_gates(models: RunModels, gates: dict[str, float], dest: Path) -> None:
+    """The base with the experts folded in under one gate vector, saved as a plain transformers model.
+    Inside `merged` the persona layers hold plain nn.Linear modules, so save_pretrained writes the
+    base architecture with merged weights and no LoRA keys."""
+    import torch
+
+    from experiments.config import LoraConfig, ModelConfig
+    from lightning_modules.common import load_experts
+
+    model_cfg = ModelConfig(**{**models.model, "device": "cpu"})
+    lora = LoraConfig(**{k: models.lora[k] for k in ("r", "alpha", "target_modules")})
+    model, tokenizer = load_experts(model_cfg, lora, str(models.adapters), models.experts)
+    row = torch.tensor([[gates.get(name, 0.0) for name in model.expert_names]], dtype=next(model.parameters()).dtype)
+    with torch.no_grad(), model.merged(row):
+        model.base_model.save_pretrained(str(dest))
+    tokenizer.save_pretrained(str(dest))
+    atomic_write_text(dest / "gates.json", json.dumps({name: gates.get(name, 0.0) for name in model.expert_names}, indent=2))
+
+
 def model_card(models: RunModels, merged: list[str]) -> str:
     """README.md: what each folder is, the base model, how the experts were trained, metrics, how to load."""
     from huggingface_hub import ModelCardData
@@ -193,7 +268,8 @@ def _folders(models: RunModels, merged: list[str]) -> list[str]:
     if models.sft is not None:
         rows.append(f"| `{SFT}/` | the SFT baseline: one LoRA on all fused responses (PEFT adapter) |")
     if merged:
-        rows.append("| `merged/<name>/` | base + that adapter merged: a plain transformers model with its tokenizer |")
+        rows.append("| `merged/<name>/` | base + that adapter (or, for `gated` and systems, the experts under the gates in "
+                    "its gates.json) merged: a plain transformers model with its tokenizer |")
     return rows
 
 

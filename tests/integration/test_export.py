@@ -95,6 +95,49 @@ def test_merged_model_matches_the_routed_model_with_that_pole_gated_on(run_dir, 
         assert generate_with_gates(merged, tokenizer, [PROMPT], None, n) == routed and routed[0]
 
 
+def test_a_fixed_gate_vector_merges_into_what_the_routed_model_generates(run_dir, tmp_path):
+    """--gates: two experts at once, one at half weight; the plain model against the routed model (unmerged
+    fused path at 8 tokens, merged path past MERGE_PAYS_FROM_TOKENS) under the same gates."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lightning_modules.components.persona_lora import MERGE_PAYS_FROM_TOKENS
+    from lightning_modules.components.personafuse import PersonaFuse, generate_with_gates
+
+    out = tmp_path / "export"
+    assert cli.main(["export", str(run_dir), str(out), "--gates", f"{POLE}=1,agreeableness_high=0.5"]) == 0
+    folder = out / "merged" / "gated"
+    written = json.loads((folder / "gates.json").read_text())
+    assert written[POLE] == 1.0 and written["agreeableness_high"] == 0.5 and sum(written.values()) == 1.5
+    fuse = PersonaFuse.load(out)
+    names = fuse.persona_model.expert_names
+    gates = torch.tensor([[written[n] for n in names]])
+    merged, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    assert not any("lora" in key for key in merged.state_dict())
+    one_pole = torch.nn.functional.one_hot(torch.tensor([names.index(POLE)]), len(names)).float()
+    for n in (8, MERGE_PAYS_FROM_TOKENS):
+        routed = generate_with_gates(fuse.persona_model, fuse.tokenizer, [PROMPT], gates, n)
+        assert generate_with_gates(merged, tokenizer, [PROMPT], None, n) == routed and routed[0]
+    # the second expert matters, so the comparison above could fail
+    assert generate_with_gates(fuse.persona_model, fuse.tokenizer, [PROMPT], one_pole, 8) != \
+        generate_with_gates(merged, tokenizer, [PROMPT], None, 8)
+
+
+def test_a_fixed_gate_system_merges_and_a_routed_one_is_refused(run_dir, tmp_path, capsys):
+    out = tmp_path / "export"
+    assert cli.main(["export", str(run_dir), str(out), "--system", f"expert_{POLE}"]) == 0
+    assert json.loads((out / "merged" / f"expert_{POLE}" / "gates.json").read_text())[POLE] == 1.0
+    for system, why in (("personafuse", "depend on each conversation"), ("prompting", "persona prompt is text"),
+                        ("expert_extraversion_hi", "did you mean")):
+        assert cli.main(["export", str(run_dir), str(tmp_path / system), "--system", system]) == 2
+        assert why in capsys.readouterr().err.replace("\n", "")
+    for spec, why in (("extraversion_hgh=1", "not an expert of this run"), (f"{POLE}=x", "needs a number"),
+                      (f"{POLE}=0", "every gate is 0")):
+        assert cli.main(["export", str(run_dir), str(tmp_path / "bad"), "--gates", spec]) == 2
+        assert why in capsys.readouterr().err.replace("\n", "")
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "personafuse").exists()
+
+
 def test_incomplete_run_dir_names_what_is_missing_and_writes_nothing(run_dir, tmp_path, capsys):
     partial = tmp_path / "run"
     shutil.copytree(run_dir, partial, ignore=shutil.ignore_patterns("checkpoints", "*.superseded-*"))
