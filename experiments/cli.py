@@ -1,6 +1,7 @@
 """The `personafuse` command: run pipelines, sweeps, the MLflow UI, chat, benchmark data.
 
     personafuse run quickstart [key=value ...] [--rerun STAGE]   (or experiments/quickstart.yaml)
+    personafuse run paper [key=value ...] --launcher slurm --nodes 2 --gpus-per-node 4 [--dry-run]
     personafuse config [SECTION]
     personafuse reset STAGE experiments/quickstart.yaml [key=value ...]
     personafuse sweep sweeps/smoke_grid.yaml [--launcher local|slurm] [--dry-run]
@@ -208,6 +209,11 @@ resumes interrupted ones; `--rerun STAGE` redoes STAGE and every later stage
 anyway (after a code change, say).
 
 CONFIG is a YAML path or a shipped config's name (quickstart, smoke, paper, ...).
+
+--launcher slurm submits the run as one SLURM job (one task per GPU), requeued
+at its time limit and resumed; its flags are a sweep file's launcher keys.
+Put key=value overrides before the flags.
+
 Every key with the default in force and its meaning: `personafuse config`;
 one section: `personafuse config SECTION` (e.g. `personafuse config evaluate.judge`)."""
 
@@ -248,7 +254,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.launcher == "slurm" and not args.plan:
         return _submit_slurm(args)
     given = [f"--{f.replace('_', '-')}" for f in _slurm_flag_values(args)]
-    if args.dry_run or given:
+    if args.launcher != "slurm" and (args.dry_run or given):
         from experiments.config import ConfigError
 
         raise ConfigError(f"{' '.join(given) or '--dry-run'} applies to --launcher slurm only")

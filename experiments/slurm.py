@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 import signal
@@ -95,9 +96,12 @@ class PipelineJob(Checkpointable):
     def __call__(self) -> int:
         if self.requeues:
             print(f"personafuse: attempt {self.requeues + 1} of this job (requeued); the pipeline resumes", flush=True)
+        from datamodules.redaction import redact
+
+        print(f"personafuse: running {redact(self.describe())}", flush=True)  # the job log may be widely readable
         # On the node the job's own SLURM_* variables stay (Lightning reads ranks from them); `env` adds ours.
         self._proc = subprocess.Popen(self.command, cwd=self.cwd, env={**os.environ, **self.env},
-                                      preexec_fn=_ignore_requeue_signal)
+                                      preexec_fn=_ignoring(_requeue_signal()))
         while (code := self._proc.poll()) is None:  # poll, not wait(): the requeue handler may interrupt
             time.sleep(0.5)                          # here and poll the same process (Popen.wait holds a lock)
         if code:
@@ -132,12 +136,18 @@ class PipelineJob(Checkpointable):
         return {**self.__dict__, "_proc": None}
 
 
-def _ignore_requeue_signal() -> None:
-    """In the pipeline process, before exec: SLURM's --signal reaches every process of the job step, and
-    Python would die of USR2; only submitit's handler, in the task process above, acts on it."""
+def _requeue_signal() -> signal.Signals:
+    """The signal submitit's jobs get before their time limit (USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise)."""
     from submitit import JobEnvironment
 
-    signal.signal(JobEnvironment._usr_sig(), signal.SIG_IGN)
+    return JobEnvironment._usr_sig()
+
+
+def _ignoring(signum: signal.Signals):
+    """A preexec_fn for the pipeline process: SLURM's --signal reaches every process of the job step and
+    Python would die of it; only submitit's handler, in the task process above, acts on it. (An ignored
+    signal stays ignored across exec.)"""
+    return functools.partial(signal.signal, signum, signal.SIG_IGN)
 
 
 def sqlite_store_problem(uri: str, flag: str) -> Optional[str]:

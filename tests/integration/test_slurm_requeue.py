@@ -18,8 +18,8 @@ import pytest
 import submitit
 import yaml
 
-from experiments.slurm import PipelineJob, sbatch_parameters
-from experiments.sweep import load_sweep, run_sweep
+from experiments.slurm import PipelineJob, sbatch_parameters, submit_pipeline
+from experiments.sweep import LauncherSpec, load_sweep, run_sweep
 from experiments.sweep.launchers import SlurmLauncher
 
 pytestmark = pytest.mark.integration
@@ -149,3 +149,22 @@ def test_a_sweep_trial_requeued_at_its_time_limit_resumes_and_is_not_a_failure(t
     runs = client.search_runs([client.get_experiment_by_name("requeue").experiment_id])
     assert sorted(r.data.tags.get("stage") for r in runs) == ["adapter_sft", "pipeline", "sweep"]
     assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_run_on_slurm_with_allow_sqlite_submits(tmp_path, mlflow_uri, capsys):
+    """`run --launcher slurm --allow-sqlite` gets through to submission; submitit's local executor plays the cluster."""
+    def local(opts, folder, job_name):
+        return local_executor(folder, opts.max_requeues, timeout_min=opts.time_min)
+
+    out_dir = tmp_path / "out"
+    opts = LauncherSpec(kind="slurm", gpus_per_node=0, allow_sqlite=True)
+    job = submit_pipeline("smoke", [f"output_dir={out_dir}", "stages=[]"], opts, executor=local)  # a pipeline of no stages
+    assert job.result() == 0
+    printed = capsys.readouterr()
+    assert f"submitted SLURM job {job.job_id}" in printed.out and "(--allow-sqlite given)" in printed.err
+    assert "trainer.num_nodes=1" in job.stdout() and "done — MLflow runs" in job.stderr()
+    import mlflow
+
+    client = mlflow.MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED"]  # the job logged to the store it was allowed to use
