@@ -1,6 +1,7 @@
 """The `personafuse` command: run pipelines, sweeps, the MLflow UI, chat, benchmark data.
 
     personafuse run quickstart [key=value ...] [--rerun STAGE]   (or experiments/quickstart.yaml)
+    personafuse run paper [key=value ...] --launcher slurm --nodes 2 --gpus-per-node 4 [--dry-run]
     personafuse config [SECTION]
     personafuse reset STAGE experiments/quickstart.yaml [key=value ...]
     personafuse sweep sweeps/smoke_grid.yaml [--launcher local|slurm] [--dry-run]
@@ -95,6 +96,12 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--rerun", metavar="STAGE", default=None,
                      help="redo STAGE and every later stage although they finished under this config "
                           "(their old outputs are kept as <stage>.superseded-<hash>[-N], never replaced)")
+    run.add_argument("--launcher", choices=["local", "slurm"], default="local",
+                     help="local: run here (default); slurm: submit the pipeline as one SLURM job through submitit, "
+                          "requeued at its time limit and resumed")
+    run.add_argument("--dry-run", action="store_true",
+                     help="with --launcher slurm: print the sbatch parameters, script and command; submit nothing")
+    _add_slurm_flags(run)
     run.set_defaults(handler=_cmd_run)
 
     reset = sub.add_parser("reset", help="set a stage and every later stage aside, so the next run redoes them",
@@ -155,6 +162,60 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_NOT_RUN_FLAGS = {"kind", "parallel", "array"}
+"""Sweep launcher keys that make no sense for one run; every other key is a `run --launcher slurm` flag."""
+
+
+def _add_slurm_flags(parser: argparse.ArgumentParser) -> None:
+    """`run --launcher slurm` flags: the sweep file's `launcher:` keys under the same names (--gpus-per-node
+    is launcher.gpus_per_node), with their docstrings as help, so there is one vocabulary for SLURM jobs."""
+    import dataclasses
+    import typing
+
+    from experiments.config import _field_docs
+    from experiments.sweep.schema import LAUNCHER_MINIMUMS, LauncherSpec
+
+    group = parser.add_argument_group("with --launcher slurm (the keys of a sweep file's launcher: section)")
+    docs, hints = _field_docs(LauncherSpec), typing.get_type_hints(LauncherSpec)
+    for field in dataclasses.fields(LauncherSpec):
+        if field.name in _NOT_RUN_FLAGS:
+            continue
+        flag, hint = "--" + field.name.replace("_", "-"), hints[field.name]
+        kwargs = {"help": docs.get(field.name, "").replace("slurm: ", "").replace("%", "%%"), "default": None}
+        if hint is bool:
+            kwargs.update(action="store_true")
+        elif typing.get_origin(hint) is dict:
+            kwargs.update(action="append", metavar="KEY=VALUE", type=_key_value(flag))
+        elif typing.get_origin(hint) is list:
+            kwargs.update(action="append", metavar="LINE")
+        else:
+            base = next(a for a in typing.get_args(hint) or (hint,) if a is not type(None))
+            kwargs.update(type=_at_least(base, LAUNCHER_MINIMUMS.get(field.name), flag), metavar=field.name.upper())
+        group.add_argument(flag, **kwargs)
+
+
+def _at_least(kind: type, low, flag: str):
+    """An argparse type: `kind`, and >= low when given, with an error naming the flag."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes a {kind.__name__}, got {text!r}") from None
+        if low is not None and value < low:
+            raise argparse.ArgumentTypeError(f"{flag} must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _key_value(flag: str):
+    def parse(text: str) -> tuple[str, str]:
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"{flag} takes KEY=VALUE (e.g. {flag} qos=high), got {text!r}")
+        return key, value
+    return parse
+
+
 _RUN_HELP = """Run an experiment: resolve the config (schema <- YAML <- key=value overrides),
 then run each stage in `stages` as an MLflow child run of one pipeline run.
 
@@ -163,6 +224,11 @@ resumes interrupted ones; `--rerun STAGE` redoes STAGE and every later stage
 anyway (after a code change, say).
 
 CONFIG is a YAML path or a shipped config's name (quickstart, smoke, paper, ...).
+
+--launcher slurm submits the run as one SLURM job (one task per GPU), requeued
+at its time limit and resumed; its flags are a sweep file's launcher keys.
+Put key=value overrides before the flags.
+
 Every key with the default in force and its meaning: `personafuse config`;
 one section: `personafuse config SECTION` (e.g. `personafuse config evaluate.judge`)."""
 
@@ -200,6 +266,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(cfg))
         return 0
+    if args.launcher == "slurm" and not args.plan:
+        return _submit_slurm(args)
+    given = [f"--{f.replace('_', '-')}" for f in _slurm_flag_values(args)]
+    if args.launcher != "slurm" and (args.dry_run or given):
+        from experiments.config import ConfigError
+
+        raise ConfigError(f"{' '.join(given) or '--dry-run'} applies to --launcher slurm only")
     from experiments.pipeline import plan, run_pipeline
     from experiments.validation import preflight
 
@@ -211,6 +284,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # A scheduler's SIGTERM (SLURM preemption, `kill`) ends the run like Ctrl-C: runs KILLED, resumable.
     signal.signal(signal.SIGTERM, _interrupt)
     run_pipeline(cfg, rerun=args.rerun)
+    return 0
+
+
+def _slurm_flag_values(args: argparse.Namespace) -> dict:
+    """The SLURM flags given on the command line, by launcher key."""
+    from experiments.sweep.schema import LauncherSpec
+
+    names = [f.name for f in __import__("dataclasses").fields(LauncherSpec) if f.name not in _NOT_RUN_FLAGS]
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def _submit_slurm(args: argparse.Namespace) -> int:
+    """`run --launcher slurm`: the pipeline as one checkpointable SLURM job (or, with --dry-run, its preview)."""
+    from experiments.config import ConfigError
+    from experiments.slurm import submit_pipeline
+    from experiments.sweep.schema import LauncherSpec
+
+    if args.rerun:
+        raise ConfigError(f"--rerun with --launcher slurm: run `personafuse reset {args.rerun} {args.config} ...` "
+                          "here first, then submit (every task of the job would see the old results)")
+    values = _slurm_flag_values(args)
+    if "extra_sbatch" in values:
+        values["extra_sbatch"] = dict(values["extra_sbatch"])
+    submit_pipeline(args.config, args.overrides, LauncherSpec(kind="slurm", **values), dry_run=args.dry_run)
     return 0
 
 

@@ -36,8 +36,11 @@ submitit would submit, e.g. for nodes=2, gpus_per_node=4, partition=gpu, time_mi
     ...
     srun --unbuffered ... python -u -m submitit.core._submit <sweep output>/slurm/%j
 
-Each srun task unpickles the trial (a `CommandFunction` running the trial's command) and runs
-it; Lightning reads the node and process ranks from the SLURM_* variables.
+Each srun task unpickles the trial (an `experiments.slurm.PipelineJob` running the trial's command)
+and runs it; Lightning reads the node and process ranks from the SLURM_* variables. At the time
+limit submitit requeues the job under the same id (up to `launcher.max_requeues` times) and the
+trial's pipeline resumes; the sweep keeps following that job id. A SQLite MLflow store is refused
+under slurm (several nodes writing one SQLite file) unless `launcher.allow_sqlite=true`.
 
 Package layout (one home per concern; the public names of each are re-exported here):
 
