@@ -190,7 +190,10 @@ def submit_pipeline(config: str, overrides: list[str], opts, dry_run: bool = Fal
     extra = [f"{k}={v}" for k, v in fixed.items()]
     path = str(experiment_path(config))
     cfg = load_config(path, [*overrides, *extra])  # a bad key fails here, before anything is queued
-    uri = _display_uri(cfg) if dry_run else tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
+    from experiments.validation import preflight
+
+    preflight(cfg)  # and a missing file, benchmark or endpoint key: a job that would fail in the queue never waits there
+    uri = tracking.planned_uri(cfg.tracking.tracking_uri) if dry_run else tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
     if not dry_run:
         check_tracking_store(uri, opts.allow_sqlite, "--allow-sqlite")
     folder = Path(cfg.output_dir).absolute() / "slurm" / "%j"
@@ -208,11 +211,6 @@ def submit_pipeline(config: str, overrides: list[str], opts, dry_run: bool = Fal
           f"logs in {str(folder).replace('%j', str(submitted.job_id))}; requeued up to {opts.max_requeues} time(s) "
           "at its time limit, resuming each time")
     return submitted
-
-
-def _display_uri(cfg) -> str:
-    """The store the job would log to, without creating it (for --dry-run)."""
-    return cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlruns').absolute() / 'mlflow.db'}"
 
 
 def _preview(opts, job_name: str, folder: Path, job: PipelineJob, problem: Optional[str]) -> str:

@@ -27,6 +27,12 @@ def resolve_tracking_uri(configured: Optional[str] = None) -> str:
     return f"sqlite:///{store / 'mlflow.db'}"
 
 
+def planned_uri(configured: Optional[str] = None) -> str:
+    """The store a run would log to (config -> $MLFLOW_TRACKING_URI -> ./mlruns), without creating it:
+    for dry runs, which must write nothing."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlruns').absolute() / 'mlflow.db'}"
+
+
 def artifact_root(tracking_uri: str) -> Optional[str]:
     """Artifacts next to a local sqlite store (mlruns/artifacts); a server decides its own."""
     if tracking_uri.startswith("sqlite:///"):

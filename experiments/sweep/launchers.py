@@ -15,12 +15,12 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from rich.console import Console
 
 from experiments.slurm import (
-    PipelineJob, check_tracking_store, lightning_overrides, sbatch_parameters, sbatch_script, slurm_executor,
+    PipelineJob, check_tracking_store, lightning_overrides, sbatch_script, slurm_executor,
     sqlite_store_problem,
 )
 from experiments.sweep.schema import Sweep, SweepError
