@@ -252,6 +252,9 @@ class BenchmarkConfig:
     """Selection and option-shuffle seed."""
     options: dict[str, Any] = field(default_factory=dict)
     """Benchmark-specific options (e.g. k_shot for mmlu, max_new_tokens, language)."""
+    systems: Optional[list[str]] = None
+    """Evaluate only these of evaluate.systems on this benchmark (None: all), e.g. the capability
+    no-drop checks on base, sft and personafuse alone rather than on every ablation."""
 
 
 @dataclass
