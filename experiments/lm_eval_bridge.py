@@ -164,13 +164,14 @@ def cut_at(text: str, until: Sequence[str]) -> str:
 def evaluate_tasks(run_dir: str | Path, system: str, tasks: list, output: Optional[str | Path] = None,
                    limit: Optional[float] = None, num_fewshot: Optional[int] = None,
                    include_path: Optional[str | Path] = None, batch_size: Optional[int] = None,
-                   device: Optional[str] = None, log_samples: bool = False) -> dict:
+                   device: Optional[str] = None, log_samples: bool = False, include_defaults: bool = True) -> dict:
     """lm-eval's `simple_evaluate` on one system of a run, its results JSON written to `output`.
 
     This wraps lm-eval rather than converting our evaluate records to its layout: a converter would
     only relabel our own numbers, while here lm-eval's tasks, prompts, metrics and aggregation make
     the numbers, so the file is what `lm_eval --output_path` writes for any of its tasks and compares
-    with other models' lm-eval results as they are."""
+    with other models' lm-eval results as they are. `include_defaults=False` skips indexing lm-eval's
+    own task folder (~7 s) when only tasks under `include_path` are run."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -178,7 +179,8 @@ def evaluate_tasks(run_dir: str | Path, system: str, tasks: list, output: Option
     results = simple_evaluate(model=MODEL_NAME, model_args=model_args, tasks=tasks, limit=limit,
                               num_fewshot=num_fewshot, batch_size=batch_size, device=device,
                               apply_chat_template=True, fewshot_as_multiturn=True, log_samples=log_samples,
-                              task_manager=TaskManager(include_path=str(include_path) if include_path else None))
+                              task_manager=TaskManager(include_path=str(include_path) if include_path else None,
+                                                       include_defaults=include_defaults))
     if output is not None:
         write_results(results, output)
     return results
