@@ -19,6 +19,7 @@ evaluate stage does, tokenised on its own after the templated prompt.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional, Sequence
@@ -69,7 +70,7 @@ class PersonaFuseLM(LM):
     def __init__(self, run: str, system: str = "personafuse", batch_size: int | str | None = None,
                  device: Optional[str] = None, **_lm_eval_extras) -> None:
         super().__init__()  # _lm_eval_extras: e.g. max_batch_size, which SystemFactory's batching makes moot
-        self.chat = load_system(run, system, device)
+        self.chat = load_system(run, system, usable_device(device))
         if batch_size not in (None, "auto") and not str(batch_size).startswith("auto"):
             self.chat.batch_size = int(batch_size)
         self.run_dir, self.system = str(run), system
@@ -137,6 +138,18 @@ class PersonaFuseLM(LM):
                 "personafuse: a request context this model did not render; its systems score conversations, so run "
                 "lm-eval with --apply_chat_template (Python: apply_chat_template=True) and without --cache_requests. "
                 f"Context: {context[:80]!r}") from None
+
+
+def usable_device(requested: Optional[str]) -> Optional[str]:
+    """The device lm-eval asks for, or None (the run's `model.device`) when this machine has no CUDA:
+    lm-eval's CLI asks for cuda:0 unless told otherwise, which would fail on every CPU machine."""
+    import torch
+
+    if requested and requested.startswith("cuda") and not torch.cuda.is_available():
+        logging.getLogger(__name__).warning("personafuse: lm-eval asked for device %s, which this machine lacks; "
+                                            "using the run's model.device", requested)
+        return None
+    return requested
 
 
 def greedy_settings(gen_kwargs: dict) -> tuple[int, list[str]]:
