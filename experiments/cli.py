@@ -159,6 +159,21 @@ def _build_parser() -> argparse.ArgumentParser:
     export.add_argument("--system", metavar="NAME", default=None,
                         help="also write merged/NAME/ for an evaluated system with fixed gates (expert_<pole>)")
     export.set_defaults(handler=_cmd_export)
+
+    lm_eval = sub.add_parser("lm-eval", help="run lm-evaluation-harness tasks on one system of a finished run "
+                             "(needs the lmeval extra)", description=_LM_EVAL_HELP,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    lm_eval.add_argument("run_dir", metavar="RUN_DIR", help="a pipeline output_dir, e.g. outputs/quickstart")
+    lm_eval.add_argument("--system", default="personafuse", help="an evaluated system (`personafuse list`), "
+                         "default personafuse (routed)")
+    lm_eval.add_argument("--tasks", required=True, help="lm-eval task names, comma-separated")
+    lm_eval.add_argument("--output", help="write lm-eval's results JSON here (atomically)")
+    lm_eval.add_argument("--limit", type=float, help="items per task (a fraction below 1); for quick checks only")
+    lm_eval.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's own)")
+    lm_eval.add_argument("--include-path", help="a folder of your own lm-eval task YAMLs")
+    lm_eval.add_argument("--batch-size", type=int, help="default: the run's evaluate.batch_size")
+    lm_eval.add_argument("--device", help="default: the run's model.device")
+    lm_eval.set_defaults(handler=_cmd_lm_eval)
     return parser
 
 
@@ -370,6 +385,28 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     out = export_run(args.run_dir, args.out, merge=args.merge, gates=args.gates, system=args.system)
     console.print(f"[bold green]exported[/] {args.run_dir} to {out} (model card: {out / 'README.md'})")
+    return 0
+
+
+_LM_EVAL_HELP = """Run lm-evaluation-harness tasks on one evaluated system of a finished run, built
+as the evaluate stage builds it (the router picks gates per request). Contexts are
+rendered with the model's chat template, as the built-in benchmarks render them.
+
+    personafuse lm-eval outputs/quickstart --system base --tasks mmlu_abstract_algebra --limit 20 --output lm_eval/base.json
+
+--output is the results JSON lm-eval writes. For every lm-eval flag use its own CLI:
+python -m experiments.lm_eval_bridge --model personafuse --model_args run=RUN_DIR,system=NAME --apply_chat_template ..."""
+
+
+def _cmd_lm_eval(args: argparse.Namespace) -> int:
+    from experiments.lm_eval_bridge import evaluate_tasks
+    from lm_eval.utils import make_table
+
+    results = evaluate_tasks(args.run_dir, args.system, args.tasks.split(","), args.output, args.limit,
+                             args.num_fewshot, args.include_path, args.batch_size, args.device)
+    print(make_table(results))
+    if args.output:
+        console.print(f"[bold green]results[/] in {args.output}")
     return 0
 
 
