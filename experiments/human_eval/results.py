@@ -90,8 +90,8 @@ def agreement(by_pair: dict[str, dict[str, str]], overlap: list[str]) -> dict:
     return result
 
 
-def kappa(labels: list[list[int]]) -> float:
-    """Cohen's kappa for two raters, Fleiss' for more; labels[item][rater] in 0..len(CHOICES)-1.
+def kappa(labels: list[list[int]], categories: int = len(CHOICES)) -> float:
+    """Cohen's kappa for two raters, Fleiss' for more; labels[item][rater] in 0..categories-1.
     NaN when chance agreement is total (every answer the same): kappa is undefined there."""
     import torch
     from torchmetrics.functional.classification import multiclass_cohen_kappa
@@ -99,9 +99,9 @@ def kappa(labels: list[list[int]]) -> float:
 
     table = torch.tensor(labels)
     if table.shape[1] == 2:
-        value = multiclass_cohen_kappa(table[:, 0], table[:, 1], num_classes=len(CHOICES))
+        value = multiclass_cohen_kappa(table[:, 0], table[:, 1], num_classes=categories)
     else:
-        counts = torch.nn.functional.one_hot(table, len(CHOICES)).sum(dim=1)
+        counts = torch.nn.functional.one_hot(table, categories).sum(dim=1)
         value = fleiss_kappa(counts, mode="counts")
     return float(value)
 
