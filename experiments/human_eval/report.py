@@ -110,7 +110,7 @@ def plot(results: list[Comparison], agree: dict) -> bytes:
     kappa = agree["kappa"]
     ax.set_title(f"Human preference ({agree['method']} kappa "
                  f"{kappa:.2f})" if math.isfinite(kappa) else "Human preference (agreement undefined)", fontsize=10)
-    ax.legend(ncol=3, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.08), frameon=False)
+    ax.legend(ncol=3, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=110)
