@@ -7,6 +7,7 @@
     personafuse sweep sweeps/smoke_grid.yaml [--launcher local|slurm] [--dry-run]
     personafuse ui
     personafuse export RUN_DIR OUT [--merge]
+    personafuse human-eval export RUN_DIR OUT | serve OUT | import OUT
 """
 from __future__ import annotations
 
@@ -174,7 +175,38 @@ def _build_parser() -> argparse.ArgumentParser:
     lm_eval.add_argument("--batch-size", type=int, help="default: the run's evaluate.batch_size")
     lm_eval.add_argument("--device", help="default: the run's model.device")
     lm_eval.set_defaults(handler=_cmd_lm_eval)
+    _add_human_eval(sub)
     return parser
+
+
+def _add_human_eval(sub) -> None:
+    """`personafuse human-eval export|serve|import`: blinded pairs, the rating page, the results."""
+    he = sub.add_parser("human-eval", help="human preference evaluation of downstream replies (blinded pairs, "
+                                           "a local rating page, win rates and agreement in MLflow)",
+                        description=_HUMAN_EVAL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    he_sub = he.add_subparsers(dest="human_eval_command", metavar="SUBCOMMAND", required=True)
+    ex = he_sub.add_parser("export", help="write blinded pairs, rater assignments and the unblinding key into OUT")
+    ex.add_argument("run_dir", metavar="RUN_DIR", help="a pipeline output_dir whose evaluate stage judged downstream replies")
+    ex.add_argument("out", metavar="OUT", help="study folder to create (must not exist, or be empty)")
+    ex.add_argument("--pair", action="append", default=[], metavar="SYSTEM:OTHER",
+                    help="compare SYSTEM with OTHER (repeatable; default personafuse against each --external, "
+                         "or against base)")
+    ex.add_argument("--external", action="append", default=[], metavar="NAME=FILE", type=_key_value("--external"),
+                    help="replies from outside the run, JSONL of {situation_id, reply}, usable as NAME in --pair")
+    ex.add_argument("--raters", default="2", help="rater count (r1, r2, ...) or names, e.g. alice,bob (default 2)")
+    ex.add_argument("--overlap", type=float, default=0.3,
+                    help="share of pairs every rater rates, for agreement (default 0.3); the rest is split")
+    ex.add_argument("--seed", type=int, default=0, help="seed of the A/B positions and the assignments (default 0)")
+    ex.set_defaults(handler=_cmd_human_eval_export)
+    sv = he_sub.add_parser("serve", help="serve the rating page on 127.0.0.1")
+    sv.add_argument("out", metavar="OUT", help="a study folder written by `human-eval export`")
+    sv.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    sv.set_defaults(handler=_cmd_human_eval_serve)
+    im = he_sub.add_parser("import", help="win/tie/loss rates with intervals and kappa into the evaluate run")
+    im.add_argument("out", metavar="OUT", help="a study folder with verdicts")
+    im.add_argument("--run-dir", default=None, help="the pipeline output_dir (default: the one the study was exported from)")
+    im.add_argument("--tracking-uri", default=None, help="MLflow store (default: the one the pipeline logged to)")
+    im.set_defaults(handler=_cmd_human_eval_import)
 
 
 _NOT_RUN_FLAGS = {"kind", "parallel", "array"}
@@ -407,6 +439,45 @@ def _cmd_lm_eval(args: argparse.Namespace) -> int:
     print(make_table(results))
     if args.output:
         console.print(f"[bold green]results[/] in {args.output}")
+    return 0
+
+
+_HUMAN_EVAL_HELP = """Human preference evaluation of the evaluate stage's downstream replies.
+
+  export RUN_DIR OUT   blinded pairs (OUT/pairs.jsonl, no system names), per-rater
+                       assignments that overlap (OUT/assignments.json), and the
+                       unblinding key kept apart (OUT/key.json: do not give it to raters)
+  serve OUT            the rating page on http://127.0.0.1:8765/?rater=NAME: one pair
+                       at a time, keys a / b / t, c for a comment; every verdict is
+                       saved at once (OUT/verdicts/NAME.jsonl), so raters can resume
+  import OUT           win/tie/loss rates per comparison with 95% bootstrap intervals,
+                       and Cohen's (2 raters) or Fleiss' kappa on the overlap, logged to
+                       the evaluate run (metrics, comparison table, human_eval.png)"""
+
+
+def _cmd_human_eval_export(args: argparse.Namespace) -> int:
+    from experiments.human_eval.study import export_study
+
+    out = export_study(args.run_dir, args.out, args.pair, dict(args.external), args.raters, args.overlap, args.seed)
+    console.print(f"[bold green]exported[/] pairs to {out}; keep {out / 'key.json'} from raters. "
+                  f"Next: personafuse human-eval serve {out}")
+    return 0
+
+
+def _cmd_human_eval_serve(args: argparse.Namespace) -> int:
+    from experiments.human_eval.server import serve
+
+    serve(args.out, args.port)
+    return 0
+
+
+def _cmd_human_eval_import(args: argparse.Namespace) -> int:
+    from experiments.human_eval.report import import_study
+    from experiments.human_eval.results import markdown
+
+    result = import_study(args.out, args.run_dir, args.tracking_uri)
+    print(markdown(result["comparisons"], result["agreement"]))
+    console.print(f"logged to MLflow run {result['run_id']} (human_eval.md, human_eval.png, comparison table)")
     return 0
 
 
