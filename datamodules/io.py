@@ -53,6 +53,12 @@ def project_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
+def project_path(path: str | Path) -> Path:
+    """A config path as given when it exists or is absolute, else relative to the project root."""
+    p = Path(path)
+    return p if p.is_absolute() or p.exists() else project_root() / p
+
+
 def to_container(cfg: Any) -> dict:
     """Plain dict of a config object (or section)."""
     from omegaconf import OmegaConf

@@ -17,7 +17,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from datamodules.io import ConfigError, config_hash, did_you_mean, project_root, to_container  # noqa: F401 (re-exported)
+from datamodules.io import ConfigError, config_hash, did_you_mean, project_path, project_root, to_container  # noqa: F401 (re-exported)
 from datamodules.redaction import redact, remember_secret
 from experiments.validation import check_ranges
 
@@ -59,7 +59,13 @@ class TrainerConfig:
     num_nodes: int = 1
     """Nodes for multi-node runs (SLURM)."""
     strategy: str = "auto"
-    """Registered strategy id: auto, ddp, ddp_cpu, fsdp, fsdp_cpu, deepspeed_zero2, deepspeed_zero3."""
+    """Registered strategy id: auto, ddp, ddp_cpu, fsdp, fsdp_cpu, deepspeed_zero2, deepspeed_zero3 (Lightning's
+    deepspeed_stage_2[_offload] / deepspeed_stage_3[_offload] are accepted too)."""
+    deepspeed_config: Optional[str] = None
+    """A DeepSpeed JSON/YAML of your own for the deepspeed strategies, instead of the shipped file for the
+    ZeRO stage; its stage must match the strategy, and bf16/fp16 in it must agree with `precision`."""
+    deepspeed_offload: bool = False
+    """DeepSpeed ZeRO-Offload: optimizer states (ZeRO-3: also parameters) in CPU RAM. Slower; more room."""
     precision: str = "32-true"
     """Lightning precision: 32-true, bf16-mixed, bf16-true, 16-mixed."""
     max_steps: int = 20
@@ -246,6 +252,9 @@ class BenchmarkConfig:
     """Selection and option-shuffle seed."""
     options: dict[str, Any] = field(default_factory=dict)
     """Benchmark-specific options (e.g. k_shot for mmlu, max_new_tokens, language)."""
+    systems: Optional[list[str]] = None
+    """Evaluate only these of evaluate.systems on this benchmark (None: all), e.g. the capability
+    no-drop checks on base, sft and personafuse alone rather than on every ablation."""
 
 
 @dataclass
@@ -328,12 +337,6 @@ class ExperimentConfig:
 # --------------------------------------------------------------------------- loading
 
 
-def project_path(path: str | Path) -> Path:
-    """A config path as given when it exists or is absolute, else relative to the project root."""
-    p = Path(path)
-    return p if p.is_absolute() or p.exists() else project_root() / p
-
-
 def shipped_configs() -> list[str]:
     """Names of the experiment YAMLs that ship in experiments/ (`personafuse run NAME` runs one)."""
     return sorted(p.stem for p in (project_root() / "experiments").glob("*.yaml"))
@@ -396,6 +399,8 @@ def _resolve_paths(cfg: ExperimentConfig) -> None:
     cfg.datagen.prompt_file = str(project_path(cfg.datagen.prompt_file))
     cfg.datagen.teacher.replies = str(project_path(cfg.datagen.teacher.replies))
     cfg.evaluate.benchmark_files = [str(project_path(p)) for p in cfg.evaluate.benchmark_files]
+    if cfg.trainer.deepspeed_config:
+        cfg.trainer.deepspeed_config = str(project_path(cfg.trainer.deepspeed_config))
     for section in (cfg.adapter_sft, cfg.joint):
         if section.data not in DATA_SOURCE_WORDS:
             section.data = str(project_path(section.data))

@@ -8,6 +8,7 @@ writing anything, which stages a run would skip, resume or run, and why.
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import time
@@ -132,7 +133,7 @@ class StageKey:
 def stage_key(cfg: ExperimentConfig, stage: str, earlier: dict[str, str]) -> StageKey:
     """The settings `stage` reads and the hashes of the `earlier` stages (id -> hash) it consumes.
     Credentials in URLs are not settings (a rotated password must not redo a stage) and are left out."""
-    read = stage_settings(cfg, stage)
+    read = {k: v for k, v in stage_settings(cfg, stage).items() if not _neutral(k, v)}
     spec = registry.STAGE_INPUTS.get(stage)
     if spec is None:  # an unlisted stage depends on everything before it
         return StageKey(stage, _digests(read), dict(earlier))
@@ -148,6 +149,11 @@ def stage_settings(cfg: ExperimentConfig, stage: str) -> dict[str, str]:
     if spec is None:
         return {k: v for k, v in flat.items() if k.split(".")[0] not in ("tracking", "stages", "name", "output_dir")}
     return {k: v for k, v in flat.items() if _under(k, spec.reads)}
+
+
+def _neutral(key: str, value: str) -> bool:
+    """A setting added after runs existed, at the value that changes nothing (registry.NEUTRAL_SETTINGS)."""
+    return any(fnmatch.fnmatchcase(key, pattern) and value == neutral for pattern, neutral in registry.NEUTRAL_SETTINGS.items())
 
 
 def _under(key: str, prefixes: Sequence[str]) -> bool:

@@ -27,6 +27,12 @@ def resolve_tracking_uri(configured: Optional[str] = None) -> str:
     return f"sqlite:///{store / 'mlflow.db'}"
 
 
+def planned_uri(configured: Optional[str] = None) -> str:
+    """The store a run would log to (config -> $MLFLOW_TRACKING_URI -> ./mlruns), without creating it:
+    for dry runs, which must write nothing."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlruns').absolute() / 'mlflow.db'}"
+
+
 def artifact_root(tracking_uri: str) -> Optional[str]:
     """Artifacts next to a local sqlite store (mlruns/artifacts); a server decides its own."""
     if tracking_uri.startswith("sqlite:///"):
@@ -212,7 +218,7 @@ def standard_tags() -> dict[str, str]:
     made through MlflowClient gets none of them, unlike one from mlflow.start_run)."""
     from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
 
-    tags = {MLFLOW_USER: _user(), MLFLOW_SOURCE_NAME: command_line()[:5000],
+    tags = {MLFLOW_USER: _user(), MLFLOW_SOURCE_NAME: source_name()[:5000], COMMAND_TAG: command_line()[:5000],
             MLFLOW_SOURCE_TYPE: "JOB" if os.environ.get("SLURM_JOB_ID") else "LOCAL"}
     sha = git_sha()
     if sha:
@@ -225,6 +231,18 @@ def _user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):  # a container user with no passwd entry
         return "unknown"
+
+
+COMMAND_TAG = "personafuse.command"
+"""The whole command line that made a run (the Source column shows only the config file)."""
+
+
+def source_name() -> str:
+    """What the runs table's Source column shows: the UI keeps the text after the last '/', so a whole
+    command line came out as its last argument (e.g. `mlflow.db`). The config file the command ran
+    (`quickstart.yaml`) says where a run came from; the full command is in the personafuse.command tag."""
+    configs = [a for a in sys.argv[1:] if a.endswith((".yaml", ".yml")) and "=" not in a]
+    return configs[0] if configs else " ".join(command_line().split()[:3])  # `personafuse run quickstart`
 
 
 def command_line() -> str:

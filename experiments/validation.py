@@ -115,7 +115,7 @@ def preflight(cfg: Any) -> None:
         if cfg.evaluate.judge.enabled:
             check_teacher(cfg.evaluate.judge.teacher, "evaluate.judge.teacher")
         check_evaluation(cfg, list(cfg.stages))
-    _check_strategy(cfg.trainer.strategy)
+    _check_strategy(cfg.trainer)
     _check_fsdp(cfg)
 
 
@@ -164,12 +164,15 @@ def check_teacher(teacher: Any, section: str) -> None:
                           f"export it, or set {section}.api_key_env='' for an endpoint that needs no key")
 
 
-def _check_strategy(strategy: str) -> None:
-    from datamodules.io import project_root
-    from lightning_modules.strategies import DEEPSPEED_CONFIGS
+def _check_strategy(trainer: Any) -> None:
+    """A DeepSpeed strategy's config file is read and checked (stage, precision, Lightning's keys) here."""
+    from lightning_modules.strategies import DEEPSPEED_IDS, deepspeed_config
 
-    if strategy in DEEPSPEED_CONFIGS and not (project_root() / DEEPSPEED_CONFIGS[strategy]).is_file():
-        raise ConfigError(f"key 'trainer.strategy': {strategy} needs {DEEPSPEED_CONFIGS[strategy]}, which is missing")
+    if trainer.strategy in DEEPSPEED_IDS:
+        deepspeed_config(trainer)
+    elif trainer.deepspeed_config or trainer.deepspeed_offload:
+        raise ConfigError(f"keys 'trainer.deepspeed_config' / 'trainer.deepspeed_offload' apply to the deepspeed "
+                          f"strategies only; trainer.strategy is '{trainer.strategy}'")
 
 
 def _check_fsdp(cfg: Any) -> None:
@@ -190,4 +193,3 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
-

@@ -4,6 +4,7 @@ Stages share these functions rather than a base class.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import warnings
 from contextlib import contextmanager
@@ -58,13 +59,13 @@ REPLICATED = {"fsdp": "ddp", "fsdp_cpu": "ddp_cpu"}
 """The data-parallel id a stage with a small model runs instead of a sharded one (`build_trainer(shard=False)`)."""
 
 
-def build_strategy(name: str, accelerator: str, find_unused_parameters: bool = False):
-    """A registered strategy id (lightning_modules/strategies.py) -> what Lightning's Trainer accepts.
+def build_strategy(t: TrainerConfig, find_unused_parameters: bool = False):
+    """`t.strategy`, a registered id (lightning_modules/strategies.py) -> what Lightning's Trainer accepts.
 
     find_unused_parameters: for modules whose loss may skip some parameters (the router's
     contrastive head when that loss is off); DDP would otherwise stop with an error.
     """
-    return STRATEGIES.get(name)(find_unused_parameters)
+    return STRATEGIES.get(t.strategy)(t, find_unused_parameters)
 
 
 def predict_trainer(t: TrainerConfig, spread: bool, cpu: bool = False, **extra) -> L.Trainer:
@@ -77,7 +78,7 @@ def predict_trainer(t: TrainerConfig, spread: bool, cpu: bool = False, **extra) 
     accelerator = "cpu" if cpu or t.strategy in CPU_STRATEGIES else t.accelerator
     ddp = spread and t.strategy in ("ddp", "ddp_cpu")
     return L.Trainer(accelerator=accelerator, devices=t.devices if spread else 1, num_nodes=t.num_nodes if spread else 1,
-                     strategy=build_strategy(t.strategy, accelerator) if ddp else "auto", logger=False,
+                     strategy=build_strategy(t) if ddp else "auto", logger=False,
                      enable_checkpointing=False, enable_model_summary=False, **extra)
 
 
@@ -272,12 +273,13 @@ def build_trainer(
         callbacks.append(RandomStateCheckpoint())
     logger = MLFlowLogger(tracking_uri=tracking_uri, run_id=run_id)
     accelerator = "cpu" if cfg.strategy in CPU_STRATEGIES else cfg.accelerator
-    strategy = cfg.strategy if shard else REPLICATED.get(cfg.strategy, cfg.strategy)
+    if not shard and cfg.strategy in REPLICATED:
+        cfg = dataclasses.replace(cfg, strategy=REPLICATED[cfg.strategy])
     return L.Trainer(
         accelerator=accelerator,
         devices=cfg.devices,
         num_nodes=cfg.num_nodes,
-        strategy=build_strategy(strategy, accelerator, find_unused_parameters),
+        strategy=build_strategy(cfg, find_unused_parameters),
         precision=cfg.precision,
         max_steps=max_steps,
         max_epochs=max_epochs,

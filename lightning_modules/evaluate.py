@@ -135,10 +135,38 @@ def _builtin(cls, name: str, bcfg, data_root):
     return cls(data_root, bcfg.limit, bcfg.seed, **bcfg.options)
 
 
+def plan_jobs(ecfg, benchmarks: dict) -> list[EvalJob]:
+    """(systems, benchmark) jobs: every system together per benchmark (batch_systems) or one by one,
+    each benchmark limited to its `systems` when it names some."""
+    groups = [list(ecfg.systems)] if ecfg.batch_systems else [[s] for s in ecfg.systems]
+    jobs = []
+    for name in benchmarks:
+        only = ecfg.benchmarks[name].systems if name in ecfg.benchmarks else None
+        jobs += [EvalJob(kept, name) for g in groups if (kept := [s for s in g if only is None or s in only])]
+    return jobs
+
+
+def check_benchmark_systems(ecfg) -> None:
+    """A benchmark's `systems` must be evaluated systems, and include the baseline when it is evaluated
+    (vs_baseline.md compares item by item)."""
+    for name, bench in ecfg.benchmarks.items():
+        if bench.systems is None:
+            continue
+        unknown = [s for s in bench.systems if s not in ecfg.systems]
+        if unknown or not bench.systems:
+            raise ConfigError(f"key 'evaluate.benchmarks.{name}.systems': {unknown or 'empty'} "
+                              f"{'are not in evaluate.systems' if unknown else 'evaluates nothing'} "
+                              f"({', '.join(ecfg.systems)})")
+        if ecfg.baseline in ecfg.systems and ecfg.baseline not in bench.systems:
+            raise ConfigError(f"key 'evaluate.benchmarks.{name}.systems': include the baseline '{ecfg.baseline}' "
+                              "(every system is compared with it item by item)")
+
+
 def check_evaluation(cfg, stages: list[str]) -> None:
     """Before any stage runs: every benchmark is known, takes its options and has its data; every
     system's stages come earlier in `stages`."""
     check_systems(cfg.evaluate.systems, stages[: stages.index("evaluate")] if "evaluate" in stages else stages)
+    check_benchmark_systems(cfg.evaluate)
     for name, bench in build_benchmarks(cfg.evaluate, cfg).items():
         try:
             bench.load_items()
@@ -245,8 +273,7 @@ def run(ctx) -> dict:
     check_systems(ecfg.systems, list(ctx.outputs))
     factory = SystemFactory(ctx, ecfg.systems)
     benchmarks = build_benchmarks(ecfg, ctx.cfg)
-    groups = [list(ecfg.systems)] if ecfg.batch_systems else [[s] for s in ecfg.systems]
-    jobs = [EvalJob(g, b) for g in groups for b in benchmarks]
+    jobs = plan_jobs(ecfg, benchmarks)
     module = EvaluateModule(factory, benchmarks, ctx.stage_dir / "jobs", ecfg.batch_size)
     trainer, sharded = _trainer(ctx.cfg.trainer)
     if not sharded and not ctx.is_rank_zero:

@@ -78,8 +78,7 @@ def log_comparison(ctx, metrics: dict[str, dict[str, float]], headline: Sequence
     md = folder / "comparison.md"
     atomic_write_text(md, _markdown(["system"] + keys, _with_intervals(keys, rows, metrics)))
     client = mlflow.MlflowClient(ctx.tracking_uri)
-    client.log_table(ctx.run_id, {"system": [r[0] for r in all_rows], **{k: [r[i + 1] for r in all_rows] for i, k in enumerate(all_keys)}},
-                     artifact_file="comparison_table.json")
+    replace_table(client, ctx.run_id, ["system"] + all_keys, all_rows, "comparison_table.json")
     vs_md = None
     if vs_baseline:
         vs_md = folder / "vs_baseline.md"
@@ -102,6 +101,21 @@ def log_comparison(ctx, metrics: dict[str, dict[str, float]], headline: Sequence
     if shifts:
         _print(TRAIT_SHIFT_HEADER, shifts, title="Trait check: expert_<trait>_high − expert_<trait>_low on MPI-120")
     return md
+
+
+def replace_table(client, run_id: str, columns: list[str], rows: list[list], artifact_file: str) -> None:
+    """An MLflow table artifact, replaced when logged again (a resumed evaluation, `human-eval import`):
+    MlflowClient.log_table appends to an existing one, which would list every system twice."""
+    import json
+
+    from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
+
+    cells = [[None if isinstance(v, float) and not math.isfinite(v) else v for v in row] for row in rows]
+    client.log_dict(run_id, {"columns": columns, "data": cells}, artifact_file)  # log_table's own layout
+    logged = json.loads(client.get_run(run_id).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+    entry = {"path": artifact_file, "type": "table"}
+    if entry not in logged:  # the tag that makes the UI show it as a table
+        client.set_tag(run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps(logged + [entry]))
 
 
 SUMMARY_COLUMNS = 6

@@ -18,6 +18,9 @@ a child of the sweep run (through PERSONAFUSE_PARENT_RUN_ID). Trial status lives
 the same resolved config, reruns failed or interrupted ones (the pipeline resumes their stages)
 and reattaches to SLURM jobs that are still queued or running, and to local trial processes that
 a killed (`kill -9`) sweep process left running (recorded by pid, start time and host).
+A TPE sweep keeps its Optuna study in `<sweep output>/optuna.journal` (Optuna's JournalStorage):
+a relaunch loads it, reruns a trial that was asked but never told as that same Optuna trial, and
+then proposes exactly what an uninterrupted sweep would have (see plans.TPEPlan).
 
 SLURM: one job per trial, or one job array (`array: true`). A job has `nodes` x `gpus_per_node`
 tasks, one per GPU as Lightning's SLURM support expects, and the trial gets the matching
@@ -33,15 +36,18 @@ submitit would submit, e.g. for nodes=2, gpus_per_node=4, partition=gpu, time_mi
     ...
     srun --unbuffered ... python -u -m submitit.core._submit <sweep output>/slurm/%j
 
-Each srun task unpickles the trial (a `CommandFunction` running the trial's command) and runs
-it; Lightning reads the node and process ranks from the SLURM_* variables.
+Each srun task unpickles the trial (an `experiments.slurm.PipelineJob` running the trial's command)
+and runs it; Lightning reads the node and process ranks from the SLURM_* variables. At the time
+limit submitit requeues the job under the same id (up to `launcher.max_requeues` times) and the
+trial's pipeline resumes; the sweep keeps following that job id. A SQLite MLflow store is refused
+under slurm (several nodes writing one SQLite file) unless `launcher.allow_sqlite=true`.
 
 Package layout (one home per concern; the public names of each are re-exported here):
 
     schema.py     the typed sweep file (SweepSpec, ...), Param, Sweep, SweepError
     loading.py    load_sweep: YAML <- overrides, strict validation with one-line errors
     trials.py     Trial: overrides validated against the experiment schema, identity hash, command
-    plans.py      grid / seeded random / TPE ask-tell plans
+    plans.py      grid / seeded random / TPE ask-tell plans (the TPE study in optuna.journal)
     launchers.py  local and slurm launchers and their --dry-run previews
     dry_run.py    the --dry-run text
     state.py      sweep_state.json and the sweep folder's lock

@@ -1,10 +1,9 @@
 """`personafuse sweep --dry-run`: every trial's overrides and exact command / sbatch script; nothing is created."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 from datamodules.redaction import redact
+from experiments import tracking
 from experiments.config import ConfigError, load_config
 from experiments.sweep.plans import FixedPlan, TPEPlan, sampled_params
 from experiments.sweep.schema import Sweep
@@ -32,4 +31,4 @@ def display_uri(sweep: Sweep) -> str:
         configured = load_config(sweep.base_path, sweep.spec.overrides).tracking.tracking_uri
     except ConfigError:
         configured = None
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlruns').absolute() / 'mlflow.db'}"
+    return tracking.planned_uri(configured)

@@ -1,6 +1,7 @@
 """Where trials run: `local` subprocesses or `slurm` jobs through submitit, and their --dry-run previews.
 
-A launcher has `poll_s`, `capacity(total)`, `trial_overrides()`, `launch(trials, env)` -> handles,
+A launcher has `poll_s`, `capacity(total)`, `check(tracking_uri)` (refuses before anything starts),
+`trial_overrides()`, `launch(trials, env)` -> handles,
 `reattach(record)`, `preview(trials, env)` and `stop(handles)`; a handle has `job_id`, `record()`
 (what sweep_state.json keeps to find it again), `done()` and `outcome()` -> (ok, error), or None
 when the launcher cannot know how the trial ended (then the sweep runs it again to find out).
@@ -14,10 +15,14 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from rich.console import Console
 
+from experiments.slurm import (
+    PipelineJob, check_tracking_store, lightning_overrides, sbatch_script, slurm_executor,
+    sqlite_store_problem,
+)
 from experiments.sweep.schema import Sweep, SweepError
 from experiments.sweep.trials import Trial, override_key, trial_command
 
@@ -39,6 +44,9 @@ class LocalLauncher:
 
     def capacity(self, total: int) -> int:
         return self.sweep.spec.launcher.parallel
+
+    def check(self, tracking_uri: str) -> None:
+        """Trials on this machine may share any store, SQLite included."""
 
     def trial_overrides(self) -> list[str]:
         return []
@@ -153,7 +161,10 @@ class OrphanHandle:
 
 
 class SlurmLauncher:
-    """One submitit job per trial (or one job array): nodes x gpus_per_node tasks, one per GPU."""
+    """One submitit job per trial (or one job array): nodes x gpus_per_node tasks, one per GPU.
+
+    Each job runs a `PipelineJob`: at its time limit submitit requeues it under the same job id and the
+    trial's pipeline resumes, so sweep_state.json keeps following the same job and a requeue is not a failure."""
 
     poll_s = 15.0
 
@@ -164,11 +175,13 @@ class SlurmLauncher:
     def capacity(self, total: int) -> int:
         return max(total, 1) if self.opts.array else self.opts.parallel
 
+    def check(self, tracking_uri: str) -> None:
+        """Before anything is submitted: trials on several nodes must not share a SQLite MLflow store."""
+        check_tracking_store(tracking_uri, self.opts.allow_sqlite, "launcher.allow_sqlite=true")
+
     def trial_overrides(self) -> list[str]:
         """Lightning's devices and num_nodes must match the tasks SLURM starts, or ranks wait forever."""
-        if self.opts.gpus_per_node == 0:
-            return [f"trainer.num_nodes={self.opts.nodes}"]
-        fixed = {"trainer.num_nodes": self.opts.nodes, "trainer.devices": self.opts.gpus_per_node}
+        fixed = lightning_overrides(self.opts)
         given = [override_key(item) for item in self.sweep.spec.overrides] + list(self.sweep.spec.parameters)
         clash = sorted(set(given) & set(fixed))
         if clash:
@@ -176,33 +189,17 @@ class SlurmLauncher:
                              "under slurm; remove them from overrides/parameters")
         return [f"{k}={v}" for k, v in fixed.items()]
 
-    def parameters(self, job_name: str) -> dict[str, Any]:
-        """submitit SlurmExecutor parameters (sbatch names)."""
-        o = self.opts
-        params = {"job_name": job_name, "partition": o.partition, "account": o.account, "time": o.time_min,
-                  "nodes": o.nodes, "ntasks_per_node": max(1, o.gpus_per_node), "cpus_per_task": o.cpus_per_task,
-                  "gpus_per_node": o.gpus_per_node or None, "mem": f"{o.mem_gb:g}GB" if o.mem_gb else None,
-                  "additional_parameters": dict(o.extra_sbatch) or None, "setup": list(o.setup) or None,
-                  "array_parallelism": o.parallel}
-        return {k: v for k, v in params.items() if v is not None}
-
     def _job_name(self, trial: Trial) -> str:
         return f"{self.sweep.name}-{trial.id}"
 
     def _executor(self, job_name: str, preview: bool = False):
-        import submitit
-
-        cls = _preview_executor_class() if preview else submitit.SlurmExecutor
-        executor = cls(folder=self.folder, python=self.opts.python)
-        executor.update_parameters(**self.parameters(job_name))
+        executor = slurm_executor(self.opts, self.folder, job_name, preview=preview)
+        executor.update_parameters(array_parallelism=self.opts.parallel)  # the job array's %N throttle
         return executor
 
-    def _function(self, trial: Trial, env: dict[str, str]):
-        """The trial's command behind `env`, so the compute node keeps its own SLURM_* variables."""
-        from submitit.helpers import CommandFunction
-
-        command = ["env", *(f"{k}={v}" for k, v in env.items()), *trial_command(self.sweep, trial, self.opts.python)]
-        return CommandFunction(command, cwd=os.getcwd())
+    def _function(self, trial: Trial, env: dict[str, str]) -> PipelineJob:
+        """The trial's command with the sweep's `env` added to the node's own (SLURM_*) variables."""
+        return PipelineJob(trial_command(self.sweep, trial, self.opts.python), env, os.getcwd())
 
     def launch(self, trials: list[Trial], env: dict[str, str]) -> list["SlurmHandle"]:
         if self.opts.array and len(trials) > 1:
@@ -223,22 +220,24 @@ class SlurmLauncher:
 
     def _sbatch_script(self, job_name: str, map_count: Optional[int] = None) -> str:
         """The sbatch script submitit would write for one job (or, with map_count, a job array)."""
-        executor = self._executor(job_name, preview=True)
-        if map_count is not None:
-            executor.parameters["map_count"] = map_count
-        return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
+        return sbatch_script(self._executor(job_name, preview=True), map_count)
 
     def preview(self, trials: list[Trial], env: dict[str, str]) -> str:
         """The sbatch script(s) submitit would write, and the command each task runs."""
         lines = [f"launcher slurm: {'one job array' if self.opts.array else 'one job per trial'}, "
-                 f"{self.opts.nodes} node(s) x {max(1, self.opts.gpus_per_node)} task(s); logs in {self.folder}"]
+                 f"{self.opts.nodes} node(s) x {max(1, self.opts.gpus_per_node)} task(s); logs in {self.folder}",
+                 f"requeue: up to {self.opts.max_requeues} time(s) at the time limit (launcher.max_requeues); "
+                 "the trial resumes under the same job id"]
+        problem = None if self.opts.allow_sqlite else sqlite_store_problem(env["MLFLOW_TRACKING_URI"], "launcher.allow_sqlite=true")
+        if problem:
+            lines.append(f"would be refused: {problem}")
         if self.opts.array:
             lines += ["--- sbatch script (job array) ---", self._sbatch_script(self.sweep.name, map_count=len(trials))]
         for i, trial in enumerate(trials):
             lines += _trial_lines(trial, f"  (array task {i})" if self.opts.array else "")
             if not self.opts.array:
                 lines += ["--- sbatch script ---", self._sbatch_script(self._job_name(trial))]
-            lines.append("  each task runs: " + shlex.join(self._function(trial, env).command))
+            lines.append("  each task runs: " + self._function(trial, env).describe())
         return "\n".join(lines)
 
     def stop(self, handles: list["SlurmHandle"]) -> None:
@@ -263,15 +262,3 @@ class SlurmHandle:
     def outcome(self) -> tuple[bool, str]:
         error = self.job.exception()
         return (error is None), ("" if error is None else f"job {self.job_id}: {str(error).strip()[-800:]}")
-
-
-def _preview_executor_class():
-    """A SlurmExecutor that renders its sbatch script on a machine without srun (for --dry-run)."""
-    import submitit
-
-    class PreviewSlurmExecutor(submitit.SlurmExecutor):
-        @classmethod
-        def affinity(cls) -> int:
-            return 1
-
-    return PreviewSlurmExecutor

@@ -12,7 +12,7 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 from experiments import registry
 from datamodules.io import did_you_mean, read_yaml_mapping
 from experiments.config import ExperimentConfig, _schema_keys
-from experiments.sweep.schema import DIRECTIONS, METHODS, Param, RangeSpec, Sweep, SweepError, SweepSpec
+from experiments.sweep.schema import DIRECTIONS, LAUNCHER_MINIMUMS, METHODS, Param, RangeSpec, Sweep, SweepError, SweepSpec
 
 
 def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), launcher: Optional[str] = None) -> Sweep:
@@ -76,8 +76,8 @@ def _check_spec(spec: SweepSpec, source: str) -> None:
         problems.append(f"objective.stage: {registry.STAGES.unknown_message(spec.objective.stage)}")
     if spec.launcher.kind not in registry.LAUNCHERS:
         problems.append(f"launcher.kind: {registry.LAUNCHERS.unknown_message(spec.launcher.kind)}")
-    if spec.launcher.parallel < 1 or spec.launcher.nodes < 1 or spec.launcher.gpus_per_node < 0:
-        problems.append("launcher.parallel and launcher.nodes must be >= 1, launcher.gpus_per_node >= 0")
+    problems += [f"launcher.{key} must be >= {low} (got {getattr(spec.launcher, key)})"
+                 for key, low in LAUNCHER_MINIMUMS.items() if getattr(spec.launcher, key) < low]
     if spec.launcher.array and spec.method == "tpe":
         problems.append("launcher.array needs every trial up front: use method grid or random (tpe waits for results)")
     if problems:

@@ -26,9 +26,11 @@ from experiments.sweep.trials import Trial, format_value, trial_env
 console = Console(stderr=True, soft_wrap=True)
 
 
-def run_sweep(sweep: Sweep, dry_run: bool = False) -> int:
-    """Run (or with dry_run, print) every trial; 0 when all finished, 1 when some failed."""
-    launcher = registry.LAUNCHERS.get(sweep.spec.launcher.kind)(sweep)
+def run_sweep(sweep: Sweep, dry_run: bool = False, launcher=None) -> int:
+    """Run (or with dry_run, print) every trial; 0 when all finished, 1 when some failed.
+
+    launcher: instead of the registered launcher.kind (tests run the slurm launcher on submitit's local executor)."""
+    launcher = launcher or registry.LAUNCHERS.get(sweep.spec.launcher.kind)(sweep)
     launcher_overrides = launcher.trial_overrides()
     plan = make_plan(sweep, launcher_overrides)
     if dry_run:
@@ -36,6 +38,7 @@ def run_sweep(sweep: Sweep, dry_run: bool = False) -> int:
         return 0
     base_cfg = load_config(sweep.base_path, sweep.spec.overrides)
     uri = tracking.resolve_tracking_uri(base_cfg.tracking.tracking_uri)
+    launcher.check(uri)  # before the sweep folder, its MLflow run or any trial exists
     sweep.folder.mkdir(parents=True, exist_ok=True)
     with SweepLock(sweep.folder / ".lock"):
         state = SweepState(sweep.folder / STATE_FILE)

@@ -40,7 +40,7 @@ class LauncherSpec:
     account: Optional[str] = None
     """SLURM account to charge."""
     nodes: int = 1
-    """SLURM nodes per trial (multi-node: sets trainer.num_nodes)."""
+    """SLURM nodes per job, a trial's or a run's (multi-node: sets trainer.num_nodes)."""
     gpus_per_node: int = 1
     """GPUs per node, one task each (sets trainer.devices); 0 for CPU-only jobs."""
     cpus_per_task: int = 8
@@ -48,7 +48,7 @@ class LauncherSpec:
     mem_gb: Optional[float] = None
     """Memory per node in GB (None: the partition's default)."""
     time_min: int = 60
-    """Wall-clock limit per trial in minutes."""
+    """Wall-clock limit per job in minutes (a trial's or a run's)."""
     extra_sbatch: dict[str, str] = field(default_factory=dict)
     """Extra #SBATCH flags, e.g. {qos: high, constraint: a100}."""
     setup: list[str] = field(default_factory=list)
@@ -57,6 +57,16 @@ class LauncherSpec:
     """Submit all trials as one job array (grid and random sweeps only)."""
     python: Optional[str] = None
     """Python interpreter on the compute nodes (None: this one)."""
+    max_requeues: int = 3
+    """slurm: times a job that reaches its time limit is requeued to resume where it stopped (submitit's
+    max_num_timeout; 0: never). Preemptions requeue without counting."""
+    allow_sqlite: bool = False
+    """slurm: log to a SQLite MLflow store anyway (refused by default: several nodes writing one SQLite file
+    over a network filesystem can lose runs; run `mlflow server` and point MLFLOW_TRACKING_URI at it)."""
+
+
+LAUNCHER_MINIMUMS = {"parallel": 1, "nodes": 1, "gpus_per_node": 0, "cpus_per_task": 1, "time_min": 1, "max_requeues": 0}
+"""The smallest valid value of each integer launcher field (checked for sweep files and `run --launcher slurm` flags)."""
 
 
 @dataclass

@@ -33,7 +33,8 @@ class ChatModel:
         self.model, self.tokenizer = model, tokenizer
         self.gate_fn, self.system_prompt, self.batch_size = gate_fn, system_prompt, batch_size
 
-    def _prompted(self, conversation: list[dict]) -> list[dict]:
+    def prompted(self, conversation: list[dict]) -> list[dict]:
+        """The conversation as the model sees it: with the system's persona prompt, if it has one."""
         if not self.system_prompt:
             return list(conversation)
         if conversation and conversation[0]["role"] == "system":
@@ -52,22 +53,28 @@ class ChatModel:
         for start in range(0, len(conversations), self.batch_size):
             chunk = conversations[start : start + self.batch_size]
             gates = self.route(chunk)
-            texts += generate_with_gates(self.model, self.tokenizer, [self._prompted(c) for c in chunk], gates, max_new_tokens)
+            texts += generate_with_gates(self.model, self.tokenizer, [self.prompted(c) for c in chunk], gates, max_new_tokens)
             used += [] if gates is None else gates.tolist()
         return texts, used
 
     @torch.no_grad()
-    def option_logprobs_gated(self, conversations: Sequence[list[dict]],
-                              options: Sequence[Sequence[str]]) -> tuple[list[list[float]], list[list[float]]]:
-        out: list[list[float]] = []
+    def option_scores_gated(self, conversations: Sequence[list[dict]],
+                            options: Sequence[Sequence[str]]) -> tuple[list[list[tuple[float, bool]]], list[list[float]]]:
+        """(log-likelihood, is greedy) per option, and the gates used; see `option_scores_rows`."""
+        out: list[list[tuple[float, bool]]] = []
         used: list[list[float]] = []
         for start in range(0, len(conversations), self.batch_size):
             convs = conversations[start : start + self.batch_size]
             gates = self.route(convs)
-            out += option_logprobs_rows(self.model, self.tokenizer, [self._prompted(c) for c in convs],
-                                        options[start : start + self.batch_size], gates)
+            out += option_scores_rows(self.model, self.tokenizer, [self.prompted(c) for c in convs],
+                                      options[start : start + self.batch_size], gates)
             used += [] if gates is None else gates.tolist()
         return out, used
+
+    def option_logprobs_gated(self, conversations: Sequence[list[dict]],
+                              options: Sequence[Sequence[str]]) -> tuple[list[list[float]], list[list[float]]]:
+        scores, used = self.option_scores_gated(conversations, options)
+        return [[logp for logp, _ in row] for row in scores], used
 
     def generate(self, conversations: Sequence[list[dict]], max_new_tokens: int) -> list[str]:
         return self.generate_gated(conversations, max_new_tokens)[0]
@@ -110,15 +117,21 @@ def generate_with_gates(model, tokenizer, conversations: Sequence[list[dict]], g
 
 
 def option_logprobs_rows(model, tokenizer, conversations, options, gates) -> list[list[float]]:
-    """Sum of log p(option tokens | templated prompt) per row. Each distinct prompt runs once and
-    its KV cache is shared by all of its options (benchmark prompts are long, options short); rows
-    with the same prompt and options (one item under several systems' gates) run as one batch."""
+    """Sum of log p(option tokens | templated prompt) per row (see `option_scores_rows`)."""
+    return [[logp for logp, _ in row] for row in option_scores_rows(model, tokenizer, conversations, options, gates)]
+
+
+def option_scores_rows(model, tokenizer, conversations, options, gates) -> list[list[tuple[float, bool]]]:
+    """(sum of log p(option tokens | templated prompt), whether greedy decoding yields the option)
+    per row; lm-eval's loglikelihood needs the flag. Each distinct prompt runs once and its KV cache
+    is shared by all of its options (benchmark prompts are long, options short); rows with the same
+    prompt and options (one item under several systems' gates) run as one batch."""
     device = next(model.parameters()).device
     groups: dict[tuple, list[int]] = {}
     for i, (conv, opts) in enumerate(zip(conversations, options)):
         text = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
         groups.setdefault((text, tuple(opts)), []).append(i)
-    scores: list[list[float]] = [[] for _ in conversations]
+    scores: list[list[tuple[float, bool]]] = [[] for _ in conversations]
     for (text, opts), rows in groups.items():
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         prompt = torch.tensor([ids] * len(rows), device=device)
@@ -131,12 +144,13 @@ def option_logprobs_rows(model, tokenizer, conversations, options, gates) -> lis
     return scores
 
 
-def _score_options(model, prompt: torch.Tensor, option_ids: list[list[int]], gates, pad_id: int) -> list[list[float]]:
-    """Option scores for S copies of one prompt ([S, L]), row s under gates[s]."""
+def _score_options(model, prompt: torch.Tensor, option_ids: list[list[int]], gates, pad_id: int) -> list[list[tuple[float, bool]]]:
+    """(score, is greedy) per option for S copies of one prompt ([S, L]), row s under gates[s]."""
     out = model(input_ids=prompt, use_cache=True, **gate_kwargs(model, gates))
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
     rows = prompt.shape[0]
-    scores = [[float(first[s, ids[0]]) for ids in option_ids] for s in range(rows)]
+    top = first.argmax(dim=-1).tolist()
+    scores = [[(float(first[s, ids[0]]), top[s] == ids[0]) for ids in option_ids] for s in range(rows)]
     rest = max(len(ids) for ids in option_ids) - 1
     if rest == 0:  # single-token options (letters): the prompt's last position scores them all
         return scores
@@ -156,9 +170,13 @@ def _score_options(model, prompt: torch.Tensor, option_ids: list[list[int]], gat
     logits = model(input_ids=ids.repeat(rows, 1), attention_mask=mask.repeat(rows, 1), use_cache=True,
                    **{cache_key: cache}, **more).logits
     logp = torch.log_softmax(logits.float(), dim=-1)
+    best = logp.argmax(dim=-1)
     for s in range(rows):
         for j, opt in enumerate(option_ids):
-            scores[s][j] += float(sum(logp[s * n + j, t - 1, opt[t]] for t in range(1, len(opt))))
+            score, greedy = scores[s][j]
+            score += float(sum(logp[s * n + j, t - 1, opt[t]] for t in range(1, len(opt))))
+            greedy = greedy and all(int(best[s * n + j, t - 1]) == opt[t] for t in range(1, len(opt)))
+            scores[s][j] = (score, greedy)
     return scores
 
 

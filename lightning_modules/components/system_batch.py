@@ -199,7 +199,7 @@ class SystemBatch:
         outputs: dict[tuple[str, int], Any] = {}
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start: start + self.batch_size]
-            prompted = [self.systems[n]._prompted(requests[n].conversations[j]) for n, j in chunk]
+            prompted = [self.systems[n].prompted(requests[n].conversations[j]) for n, j in chunk]
             row_gates = self._stack([None if gates[n] is None else gates[n][j] for n, j in chunk])
             if kind == "generate":
                 got = generate_with_gates(self.model, self.tokenizer, prompted, row_gates, requests[chunk[0][0]].max_new_tokens)

@@ -35,7 +35,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("strategy", ["deepspeed_zero2", "deepspeed_zero3"])
+@pytest.mark.parametrize("strategy", ["deepspeed_zero2", "deepspeed_zero3", "deepspeed_stage_2_offload"])
 def test_two_zero_steps_on_cpu_and_a_real_adapter(strategy, tmp_path, tiny_model_path):
     pytest.importorskip("deepspeed", reason="deepspeed is not installed (DS_BUILD_OPS=0 pip install -e .[deepspeed])")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
@@ -46,6 +46,7 @@ def test_two_zero_steps_on_cpu_and_a_real_adapter(strategy, tmp_path, tiny_model
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     result = json.loads(out.read_text())
     assert result["zero_stage"] == (3 if strategy == "deepspeed_zero3" else 2)
+    assert result["offload"] == strategy.endswith("_offload")
     assert all(loss == loss for loss in result["losses"])  # finite
     assert result["losses"][1] < result["losses"][0]  # the second step sees the first update
     assert result["steps"] == 2
@@ -63,17 +64,16 @@ def worker(strategy_name: str, out_dir: Path) -> None:
     import deepspeed.ops
     import torch
     import torch.nn.functional as F
-    import yaml
     from lightning.pytorch.strategies import DeepSpeedStrategy
     from safetensors.torch import load_file
 
-    from lightning_modules.strategies import DEEPSPEED_CONFIGS
-    from experiments.config import LoraConfig, ModelConfig
+    from experiments.config import LoraConfig, ModelConfig, TrainerConfig
+    from lightning_modules.strategies import deepspeed_config
     from lightning_modules.common import gathered_parameters, persona_model_factory, zero3_model_init
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # see the module docstring
     deepspeed.init_distributed(dist_backend="gloo")
-    config = yaml.safe_load((ROOT / DEEPSPEED_CONFIGS[strategy_name]).read_text())
+    config = deepspeed_config(TrainerConfig(strategy=strategy_name))  # fp32, as trainer.precision's default
     config.update(train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1, gradient_clipping=1.0)
     strategy = DeepSpeedStrategy(config=config)  # only its config and zero_stage_3 are used on CPU
 
@@ -109,7 +109,8 @@ def worker(strategy_name: str, out_dir: Path) -> None:
                    and saved[f"base_model.model.{name}.lora_A.weight"].numel() > 0)
     result = {"zero_stage": engine.zero_optimization_stage(), "losses": losses, "steps": int(engine.global_steps),
               "trained_b_abs_sum": trained, "untrained_b_abs_sum": untrained, "export_matches_gathered": bool(matches),
-              "sharded_outside_gather": sharded}
+              "sharded_outside_gather": sharded,
+              "offload": engine.zero_cpu_offload()}
     (out_dir / "result.json").write_text(json.dumps(result))
 
 

@@ -140,7 +140,9 @@ def test_no_duplicate_or_unfinished_mlflow_runs(smoke_run, chaos_run):
     client = mlflow.MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
     cfg = smoke_run[0]
-    assert len(runs) == 1 + len(cfg.stages) + len(cfg.evaluate.systems)
-    assert {r.info.status for r in runs} == {"FINISHED"}
+    listing = "\n".join(f"{r.info.run_name} {r.info.status} parent={r.data.tags.get('mlflow.parentRunId')} "
+                        f"id={r.info.run_id} key={r.data.tags.get('personafuse.run_key')}" for r in runs)
+    assert len(runs) == 1 + len(cfg.stages) + len(cfg.evaluate.systems), listing
+    assert {r.info.status for r in runs} == {"FINISHED"}, listing
     names = [r.info.run_name for r in runs]
     assert len(names) == len(set(names))

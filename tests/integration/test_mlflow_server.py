@@ -98,7 +98,8 @@ def test_every_run_has_user_source_and_commit(evaluated):
     for run in runs.values():
         tags = _kv(run["data"].get("tags"))
         assert tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL"
-        assert tags["mlflow.source.name"].startswith("personafuse run ") and "reviewers.yaml output_dir=" in tags["mlflow.source.name"]
+        assert tags["mlflow.source.name"].endswith("reviewers.yaml")  # the UI shows the part after the last '/'
+        assert tags["personafuse.command"].startswith("personafuse run ") and "reviewers.yaml output_dir=" in tags["personafuse.command"]
         assert tags["mlflow.source.git.commit"] == sha
 
 

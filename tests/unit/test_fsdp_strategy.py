@@ -8,9 +8,10 @@ def test_fsdp_shards_transformer_blocks_with_the_original_parameters():
     from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
+    from experiments.config import TrainerConfig
     from lightning_modules.common import build_strategy, is_fsdp, is_zero3
 
-    strategy = build_strategy("fsdp", "gpu")
+    strategy = build_strategy(TrainerConfig(strategy="fsdp"))
     assert type(strategy) is FSDPStrategy and is_fsdp(strategy) and not is_zero3(strategy)
     assert strategy.kwargs["use_orig_params"] is True  # frozen base and trainable experts share units
     assert isinstance(strategy.kwargs["auto_wrap_policy"], ModuleWrapPolicy)
@@ -28,11 +29,12 @@ def test_the_wrap_policy_picks_the_decoder_layers_of_a_causal_lm(tiny_model):
 def test_lightning_refuses_fsdp_on_cpu_but_takes_fsdp_cpu():
     import lightning as L
 
+    from experiments.config import TrainerConfig
     from lightning_modules.common import build_strategy, is_fsdp
 
     with pytest.raises(ValueError, match="requires a GPU accelerator"):
-        L.Trainer(accelerator="cpu", devices=2, strategy=build_strategy("fsdp", "cpu"), logger=False)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=build_strategy("fsdp_cpu", "cpu"), logger=False)
+        L.Trainer(accelerator="cpu", devices=2, strategy=build_strategy(TrainerConfig(strategy="fsdp")), logger=False)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=build_strategy(TrainerConfig(strategy="fsdp_cpu")), logger=False)
     assert is_fsdp(trainer.strategy) and trainer.strategy.process_group_backend == "gloo"
     assert trainer.strategy.kwargs["use_orig_params"] is True
 

@@ -98,3 +98,24 @@ def test_shared_prefix_option_scoring_equals_full_forward(tiny_model):
     for conv, opts, g, row in zip(CONVS, options, gates, got):
         for opt, value in zip(opts, row):
             assert value == pytest.approx(_naive_option_logprob(model, tok, conv, opt, g[None]), abs=1e-3)
+
+
+def test_option_scores_flag_exactly_the_greedy_continuation(tiny_model):
+    """lm-eval's is_greedy: true for the tokens greedy decoding yields, false when any token differs."""
+    from lightning_modules.components.personafuse import option_logprobs_rows, option_scores_rows
+
+    fuse = _fuse(tiny_model)
+    model, tok = fuse.persona_model, fuse.tokenizer
+    gates = torch.tensor([[0.5, 0.0, 1.0, 0.2]])
+    prompt_len = len(tok(tok.apply_chat_template(CONVS[0], add_generation_prompt=True, tokenize=False),
+                         add_special_tokens=False)["input_ids"])
+    greedy = _reference_greedy(model, tok, CONVS[0], gates[0], 3)[0, prompt_len:].tolist()
+    other = (greedy[-1] + 1) % len(tok)
+    variants = [greedy, greedy[:-1] + [other], [other] + greedy[1:]]
+    options = [tok.decode(ids) for ids in variants]
+    assert [tok(o, add_special_tokens=False)["input_ids"] for o in options] == variants  # texts round-trip
+    with torch.no_grad():
+        got = option_scores_rows(model, tok, CONVS[:1], [options], gates)[0]
+        logps = option_logprobs_rows(model, tok, CONVS[:1], [options], gates)[0]
+    assert [flag for _, flag in got] == [True, False, False]
+    assert [score for score, _ in got] == logps

@@ -133,3 +133,33 @@ def test_a_run_created_just_before_a_kill_is_adopted_not_duplicated(tmp_path):
     assert other not in (orphan, rerun)
     assert tracking.open_run(uri, exp, "evaluate:base", {}, key=key, previous=orphan) == orphan  # a recorded id wins
     assert len(client.search_runs([exp])) == 3
+
+
+# The smoke config's stage hashes as the suite computed them before trainer.deepspeed_config/_offload
+# and evaluate.benchmarks.<id>.systems existed (commit 1cf88a2). A change here means every user's
+# finished stages would run again after an upgrade: make it on purpose, or list the new setting in
+# registry.NEUTRAL_SETTINGS.
+SMOKE_HASHES = {"datagen": "7b225df6", "adapter_sft": "6e45f364", "sft_baseline": "ff3b53c1", "router": "e58a12c9",
+                "evaluate": "c0ed2889"}
+
+
+def test_upgrading_the_suite_does_not_redo_finished_stages(monkeypatch):
+    monkeypatch.chdir(ROOT)  # config paths keep their relative spelling from the project root, as in `make`
+    from experiments.config import load_config
+    from experiments.pipeline import stage_keys
+
+    keys = stage_keys(load_config(ROOT / "experiments/smoke.yaml", []))
+    assert {k.stage: k.hash[:8] for k in keys} == SMOKE_HASHES
+
+
+def test_a_neutral_setting_counts_once_it_is_set(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    from experiments.config import load_config
+    from experiments.pipeline import stage_keys
+
+    offload = {k.stage: k.hash[:8] for k in stage_keys(load_config(ROOT / "experiments/smoke.yaml",
+                                                                   ["trainer.deepspeed_offload=true"]))}
+    assert offload["datagen"] == SMOKE_HASHES["datagen"] and offload["adapter_sft"] != SMOKE_HASHES["adapter_sft"]
+    subset = {k.stage: k.hash[:8] for k in stage_keys(load_config(ROOT / "experiments/smoke.yaml",
+                                                                  ["evaluate.benchmarks.mpi.systems=[base]"]))}
+    assert subset["router"] == SMOKE_HASHES["router"] and subset["evaluate"] != SMOKE_HASHES["evaluate"]

@@ -1,6 +1,7 @@
 """Sweep files: loading, strict validation, grid / random / TPE expansion, objective lookup, --dry-run."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,10 +31,10 @@ def write_sweep(tmp_path: Path, name: str = "s", **spec) -> Path:
 
 
 @pytest.mark.parametrize("path", SWEEP_FILES, ids=[p.name for p in SWEEP_FILES])
-def test_every_shipped_sweep_loads_and_expands(path):
+def test_every_shipped_sweep_loads_and_expands(path, tmp_path):
     first = path.read_text().splitlines()[0]
     assert first.startswith(f"# personafuse sweep sweeps/{path.name}"), "the first line must give the command"
-    sweep = load_sweep(path)
+    sweep = load_sweep(path, [f"output_dir={tmp_path}"])  # a TPE plan keeps its study in the sweep folder
     plan = make_plan(sweep, [])
     if isinstance(plan, FixedPlan):
         assert plan.total == len(plan.trials) >= 2
@@ -97,6 +98,77 @@ def test_tpe_plan_asks_and_tells(tmp_path):
     plan.tell(trials[1], None)  # a failed trial is told as FAIL, not as a value
     states = sorted(str(t.state) for t in plan.study.trials)
     assert states == ["TrialState.COMPLETE", "TrialState.FAIL", "TrialState.RUNNING"]
+
+
+TPE_SPACE = {"router.lr": {"low": 1e-4, "high": 1e-1, "log": True}, "lora.r": {"low": 4, "high": 64},
+             "router.gate": {"choices": ["sigmoid", "softmax"]}}
+
+
+def fake_objective(params: dict) -> float:
+    """Deterministic in the params, with an optimum TPE can move towards."""
+    import math
+
+    return -abs(math.log10(params["router.lr"]) + 2.5) - abs(params["lora.r"] - 24) / 20 + (params["router.gate"] == "softmax")
+
+
+def tpe_sweep(tmp_path: Path, name: str, **spec):
+    data = {"method": "tpe", "trials": 9, "startup_trials": 3, "seed": 7, "parameters": TPE_SPACE}
+    data.update(spec)
+    return load_sweep(write_sweep(tmp_path, name, **data))
+
+
+def ask_and_tell(plan, n: int) -> list[dict]:
+    """n rounds of the runner's sequential loop, each trial told the fake objective."""
+    proposals = []
+    for _ in range(n):
+        trial = plan.next_trial()
+        proposals.append(trial.params)
+        plan.tell(trial, fake_objective(trial.params))
+    return proposals
+
+
+def test_tpe_relaunch_resumes_the_study_exactly_including_a_trial_asked_but_not_told(tmp_path):
+    uninterrupted = make_plan(tpe_sweep(tmp_path, "whole"), [])
+    expected = ask_and_tell(uninterrupted, 9)
+    assert uninterrupted.next_trial() is None
+    assert len({json.dumps(p, sort_keys=True) for p in expected}) == 9
+    assert sampled_params(tpe_sweep(tmp_path, "dry"), 3) == expected[:3]  # what --dry-run lists
+
+    sweep = tpe_sweep(tmp_path, "killed")
+    first = make_plan(sweep, [])
+    assert ask_and_tell(first, 4) == expected[:4]
+    running = first.next_trial()  # asked; the sweep is "killed" before it is told
+    assert running.params == expected[4]
+    del first
+
+    relaunched = make_plan(tpe_sweep(tmp_path, "killed"), [])  # a new process: only the folder is shared
+    earlier = [relaunched.next_trial() for _ in range(5)]
+    assert [t.params for t in earlier] == expected[:5]  # told ones for the report, then the one in flight
+    for trial in earlier:  # the runner tells finished ones their recorded objective: a no-op for the study
+        relaunched.tell(trial, fake_objective(trial.params))
+    assert ask_and_tell(relaunched, 4) == expected[5:]
+    assert relaunched.next_trial() is None
+    stored = relaunched.study.trials
+    assert [t.number for t in stored] == list(range(9)) and {str(t.state) for t in stored} == {"TrialState.COMPLETE"}
+    assert [t.params for t in stored] == [t.params for t in uninterrupted.study.trials]
+    assert (sweep.folder / "optuna.journal").is_file()
+
+
+def test_tpe_plan_creates_nothing_until_it_is_asked(tmp_path):
+    sweep = tpe_sweep(tmp_path, "lazy")
+    plan = make_plan(sweep, [])  # what --dry-run builds
+    assert not sweep.folder.exists()
+    plan.next_trial()
+    assert (sweep.folder / "optuna.journal").is_file()
+
+
+def test_tpe_study_from_another_version_of_the_sweep_file_is_refused(tmp_path):
+    ask_and_tell(make_plan(tpe_sweep(tmp_path, "s"), []), 2)
+    changed = make_plan(tpe_sweep(tmp_path, "s", seed=8), [])
+    with pytest.raises(SweepError, match=r"s\.yaml: seed changed since the TPE study in .*optuna\.journal"):
+        changed.next_trial()
+    more = make_plan(tpe_sweep(tmp_path, "s", trials=12), [])  # more trials extends the same study
+    assert [more.next_trial().params for _ in range(2)] == [t.params for t in more.study.trials[:2]]
 
 
 @pytest.mark.parametrize("value", [3, 0.001, 1.5e-05, True, None, "base_hidden", ["q_proj", "v_proj"]])

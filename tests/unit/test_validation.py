@@ -61,6 +61,9 @@ def test_benchmark_typo_exits_2_before_any_stage_and_writes_nothing(tmp_path):
       "datagen.teacher.api_key_env=PERSONAFUSE_TEST_UNSET_KEY"],
      r"key 'datagen.teacher.api_key_env': environment variable PERSONAFUSE_TEST_UNSET_KEY is not set"),
     (["evaluate.judge.teacher.kind=openai"], r"key 'evaluate.judge.teacher.base_url' is required"),
+    (["evaluate.benchmarks.mpi.systems=[base,personafuze]"],
+     r"key 'evaluate.benchmarks.mpi.systems': \['personafuze'\] are not in evaluate.systems"),
+    (["evaluate.benchmarks.mpi.systems=[personafuse]"], r"key 'evaluate.benchmarks.mpi.systems': include the baseline 'base'"),
     (["trainer.strategy=fsdp", "trainer.accelerator=cpu"],
      r"key 'trainer.strategy': fsdp needs a GPU .*use trainer.strategy=fsdp_cpu"),
     (["trainer.strategy=fsdp_cpu", "stages=[adapter_sft,router,joint]"],
@@ -95,3 +98,17 @@ def test_every_shipped_config_passes_preflight_without_a_teacher_key(monkeypatch
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     for name in ("smoke", "quickstart"):
         preflight(load_config(ROOT / f"experiments/{name}.yaml"))
+
+
+def test_a_benchmark_runs_only_its_systems():
+    """evaluate.benchmarks.<id>.systems: jobs for those systems alone, batched together or one by one."""
+    from lightning_modules.evaluate import plan_jobs
+
+    cfg = load_config(SMOKE, ["evaluate.benchmarks.mpi.systems=[base,personafuse]"])
+    ecfg = cfg.evaluate
+    jobs = {(tuple(j.systems), j.benchmark) for j in plan_jobs(ecfg, dict.fromkeys(ecfg.benchmarks))}
+    assert (("base", "personafuse"), "mpi") in jobs and not any(b == "mpi" and len(s) > 2 for s, b in jobs)
+    assert any(b != "mpi" and s == tuple(ecfg.systems) for s, b in jobs)  # the others: every system
+    ecfg.batch_systems = False
+    assert sorted(j.systems[0] for j in plan_jobs(ecfg, dict.fromkeys(ecfg.benchmarks)) if j.benchmark == "mpi") == \
+        ["base", "personafuse"]
