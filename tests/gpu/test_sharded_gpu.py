@@ -1,5 +1,5 @@
-"""Adapter SFT through Lightning's DeepSpeed strategy (ZeRO-2 and ZeRO-3, bf16) on one GPU: the
-exported PEFT adapters hold the full, trained expert weights (ZeRO-3 gathers before export).
+"""Adapter SFT through Lightning's DeepSpeed strategy (ZeRO-2 and ZeRO-3) and FSDP, bf16, on one GPU:
+the exported PEFT adapters hold the full, trained expert weights (ZeRO-3 and FSDP gather before export).
 
 Each run is a `personafuse run` in its own process: DeepSpeed's zero.Init patches torch globally.
 """
@@ -16,15 +16,16 @@ pytestmark = pytest.mark.gpu
 
 ROOT = Path(__file__).resolve().parents[2]
 torch = pytest.importorskip("torch")
-pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install -e .[deepspeed])")
 if not torch.cuda.is_available():
-    pytest.skip("needs CUDA: Lightning's DeepSpeed strategy refuses a CPU accelerator", allow_module_level=True)
+    pytest.skip("needs CUDA: Lightning's DeepSpeed and FSDP strategies refuse a CPU accelerator", allow_module_level=True)
 
 
-@pytest.mark.parametrize("strategy", ["deepspeed_zero2", "deepspeed_zero3"])
+@pytest.mark.parametrize("strategy", ["deepspeed_zero2", "deepspeed_zero3", "fsdp"])
 def test_deepspeed_adapter_sft_exports_trained_adapters(strategy, tmp_path, mlflow_uri, tiny_model_path):
     if not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
+    if strategy.startswith("deepspeed"):
+        pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install -e .[deepspeed])")
     from safetensors.torch import load_file
 
     out = tmp_path / strategy
