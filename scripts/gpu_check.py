@@ -28,7 +28,7 @@ CARRY = ROOT / "build" / "gpu_check"
 WHEELS, CACHE = CARRY / "wheels", CARRY / "cache"
 IMAGE_HAS = ["torch", "lightning", "transformers", "peft", "torchmetrics"]
 """What the GPU image provides (the device tool's notes); their dependencies are not carried."""
-NEEDED = ["mlflow-skinny", "sqlalchemy", "alembic", "omegaconf", "deepspeed", "torchdata", "psutil", "rich", "gguf",
+NEEDED = ["mlflow-skinny", "sqlalchemy", "alembic", "omegaconf", "deepspeed", "torchdata", "psutil", "rich", "gguf", "submitit",
           "httpx", "safetensors", "pyyaml", "pytest", "pytest-timeout"]
 """What the gpu tier and the benchmark import beyond the image (mlflow-skinny: the client and the
 SQLite store without the UI's heavy dependencies; sqlalchemy and alembic serve the store)."""
