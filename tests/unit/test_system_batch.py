@@ -92,18 +92,26 @@ def test_lockstep_runs_workers_one_at_a_time_and_merges_rounds():
 def test_lockstep_ctrl_c_while_a_worker_runs_unwinds_every_thread():
     """Ctrl-C reaches the calling thread while a worker is mid-turn: that worker parks at its next
     ask and must still be unwound, or joining it would hang."""
-    import os
     import signal
 
     def worker(i, ask):
         if i == 0:
-            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C: the calling thread's wait is interrupted
+            # A real SIGINT, aimed at the main thread as a terminal's Ctrl-C lands there: sent with
+            # os.kill from this thread, Linux may deliver it to this thread, and then the calling
+            # thread's wait is not interrupted at all.
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
             time.sleep(0.2)
         ask(i)
         ask(i)
 
-    with pytest.raises(KeyboardInterrupt):
-        Lockstep().run([worker] * 2, lambda requests: {i: None for i in requests})
+    # KeyboardInterrupt comes from Python's default handler, which a process that inherited SIGINT
+    # ignored does not have.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            Lockstep().run([worker] * 2, lambda requests: {i: None for i in requests})
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert not [t for t in threading.enumerate() if t.name.startswith("system-")]
 
 
