@@ -171,7 +171,9 @@ def run_checks(out: Path, budget_s: int) -> int:
         rows += detail_rows(step.name, out)
     table = render(rows)
     print(table)
-    (out / "gpu_check.md").write_text(table + "\n")
+    partial = out / "gpu_check.md.partial"
+    partial.write_text(table + "\n")
+    partial.replace(out / "gpu_check.md")  # whole or absent: a reader never sees half a table
     return 0 if all(r[1] in ("ok", "passed") for r in rows) else 1
 
 
