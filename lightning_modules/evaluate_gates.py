@@ -34,21 +34,32 @@ def gate_function(spec: SystemSpec, fuse, cfg) -> Callable[[Sequence[list[dict]]
         # Same total gate mass as the router, spread evenly: removes the routing decision only.
         return lambda convs: routed(convs).sum(dim=1, keepdim=True).expand(-1, len(personas.ids)) / len(personas.ids)
     if kind == "oracle":
-        return _oracle(cfg, personas, routed)
+        return _oracle(cfg, personas, fuse.router, routed)
     raise ValueError(f"system gate policy '{kind}' is not known")
 
 
-def _oracle(cfg, personas, fallback) -> Callable:
-    """Curated corpus labels for corpus conversations; other prompts (benchmarks) fall back to the router."""
+def _oracle(cfg, personas, router, fallback) -> Callable:
+    """A perfect router: for a corpus conversation, the logits whose sigmoid is its curated label,
+    normalised by the router's own gate settings (so top-k and softmax routers get the oracle's
+    top-k / softmax, with the same total gate mass). Other prompts (benchmarks) fall back to the router."""
     items = load_situations(cfg.data.situations, personas, cfg.data.on_bad_line)
     labels = {_key(s.conversation()): personas.label_vector(s.label, s.id) for s in items}
 
     def oracle(convs):
         routed = fallback(convs)
         rows = [labels.get(_key(c)) for c in convs]
-        return torch.stack([torch.tensor(r) if r is not None else routed[i] for i, r in enumerate(rows)])
+        known = [i for i, r in enumerate(rows) if r is not None]
+        if known:
+            routed = routed.clone()
+            routed[known] = router.normalise(perfect_logits(torch.tensor([rows[i] for i in known]))).to(routed)
+        return routed
 
     return oracle
+
+
+def perfect_logits(labels: torch.Tensor) -> torch.Tensor:
+    """Logits a router trained with BCE would output if it predicted `labels` exactly."""
+    return torch.logit(labels.float().clamp(1e-4, 1 - 1e-4))
 
 
 def _key(conversation: list[dict]) -> Optional[str]:

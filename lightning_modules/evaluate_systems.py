@@ -37,7 +37,7 @@ def builtin_systems() -> dict[str, SystemSpec]:
         "sft": SystemSpec("one LoRA trained on all fused responses", adapters="sft_baseline", gates="single"),
         "personafuse": SystemSpec("persona experts mixed by the router", adapters="adapter_sft", gates="router"),
         "uniform_gates": SystemSpec("experts with equal gates (ablation)", adapters="adapter_sft", gates="uniform"),
-        "oracle_gates": SystemSpec("experts gated by the curated labels (ablation)", adapters="adapter_sft", gates="oracle"),
+        "oracle_gates": SystemSpec("experts gated by the curated labels, normalised as the router's gates (ablation)", adapters="adapter_sft", gates="oracle"),
         "top1": SystemSpec("only the router's top expert (ablation)", adapters="adapter_sft", gates="router_top1"),
         "prompting+personafuse": SystemSpec("persona prompt plus routed experts", adapters="adapter_sft", gates="router",
                                             persona_prompt=True),
