@@ -13,8 +13,8 @@ Two real differences between the runs are removed by the data, not by a looser t
   poles), so every example has the same number of loss tokens. With uneven lengths DDP weights the
   tokens of the shorter half more; a global token count (all-reduced) in the loss would remove that.
 
-The equivalence test runs `lightning_modules.adapter_sft.run` with this file as the driver script
-(Lightning re-executes it for rank 1), so both runs get the same fresh MLflow run setup. The last
+The equivalence test runs `lightning_modules.adapter_sft.run` through `adapter_sft_driver.py` (Lightning
+re-executes that script for rank 1), so both runs get the same fresh MLflow run setup. The last
 test runs the whole CLI under DDP, where the pipeline's rank awareness matters.
 """
 from __future__ import annotations
@@ -30,48 +30,19 @@ import pytest
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-RESPONSE = "Thank you for telling me. Here is what I would do next, step by step."
-USERS = ["My landlord ignores my emails about the broken heater.", "I failed my driving test again today.",
-         "Can you help me plan a surprise party for my sister?"]
-
-
-def write_records(path: Path) -> Path:
-    """3 records per pole (1 held out for validation, 2 trained): 20 training examples."""
-    from datamodules.personas import load_personas
-    from experiments.config import project_path
-
-    poles = load_personas(project_path("experiments/personas/big_five.yaml")).ids
-    lines = [json.dumps({"messages": [{"role": "user", "content": user}], "response": RESPONSE, "pole": pole})
-             for pole in poles for user in USERS]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def run_stage(tmp_path: Path, name: str, uri: str, overrides: list[str]) -> Path:
-    """One adapter_sft stage in a fresh process (this file as the driver); returns its adapters folder."""
-    from experiments import tracking
-
-    exp_id = tracking.get_or_create_experiment("ddp_cpu_test", uri)
-    run_id = tracking.start_run(uri, exp_id, name, {"stage": "adapter_sft"})
-    out = tmp_path / name
-    cmd = [sys.executable, __file__, str(out), uri, exp_id, run_id, *overrides]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return out / "adapter_sft" / "adapters"
-
-
 def test_ddp_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path, mlflow_uri, tiny_model_path):
     import torch
     from safetensors.torch import load_file
+
+    from adapter_sft_driver import run_stage, write_records
 
     records = write_records(tmp_path / "records.jsonl")
     common = [f"adapter_sft.data={records}", "adapter_sft.include_persona_examples=false", "lora.dropout=0",
               "lora.r=4", "trainer.max_steps=3", "trainer.checkpoint_every_n_steps=100", "adapter_sft.lr=0.01"]
     ddp = run_stage(tmp_path, "ddp", mlflow_uri, common + ["trainer.strategy=ddp_cpu", "trainer.devices=2",
-                                                           "adapter_sft.batch_size=10"])
+                                                           "adapter_sft.batch_size=10"], "ddp_cpu_test")
     single = run_stage(tmp_path, "single", mlflow_uri, common + ["trainer.strategy=auto", "trainer.accelerator=cpu",
-                                                                 "trainer.devices=1", "adapter_sft.batch_size=20"])
+                                                                 "trainer.devices=1", "adapter_sft.batch_size=20"], "ddp_cpu_test")
     experts = sorted(p.name for p in single.iterdir())
     assert len(experts) == 10 and sorted(p.name for p in ddp.iterdir()) == experts
     trained = 0.0
@@ -86,29 +57,6 @@ def test_ddp_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_
     assert trained > 0  # B starts at zero: the experts really moved
     state = json.loads((tmp_path / "ddp" / "result.json").read_text())
     assert state["world_size"] == 2 and state["steps"] == 3
-
-
-# --------------------------------------------------------------------------- the driver (every rank runs it)
-
-
-def main(out: Path, uri: str, exp_id: str, run_id: str, overrides: list[str]) -> None:
-    from experiments.config import load_config
-    from experiments.pipeline import StageContext
-    from lightning_modules import adapter_sft
-
-    cfg = load_config(ROOT / "experiments" / "smoke.yaml", overrides + [f"output_dir={out}"])
-    stage_dir = out / "adapter_sft"
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    result = adapter_sft.run(StageContext(cfg, "adapter_sft", stage_dir, out, uri, exp_id, run_id))
-    import torch.distributed as dist
-
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        (out / "result.json").write_text(json.dumps({"world_size": world, "steps": result["steps"]}))
-
-
-if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:])
 
 
 def test_cli_pipeline_under_ddp_two_cpu_processes(tmp_path):

@@ -1,10 +1,9 @@
 """Adapter SFT under FSDP (2 CPU processes, gloo): the exported PEFT adapters hold whole tensors and
 equal those of one process trained on the same global batch, also after a resume; PEFT loads them.
 
-The data is `test_ddp_cpu.py`'s (every step sees the whole training set, every example has the same
+The data and the driver are `adapter_sft_driver.py`'s (every step sees the whole training set, every example has the same
 number of loss tokens), so the sharded and the single-process runs take the same optimizer steps and
-their experts may differ only by float rounding. The stage runs with this file as the driver script
-(Lightning re-executes it for rank 1).
+their experts may differ only by float rounding.
 """
 from __future__ import annotations
 
@@ -21,42 +20,28 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_stage(tmp_path: Path, name: str, uri: str, overrides: list[str]) -> Path:
-    """One adapter_sft stage in a fresh process (this file as the driver); returns its adapters folder."""
-    from experiments import tracking
-
-    exp_id = tracking.get_or_create_experiment("fsdp_cpu_test", uri)
-    run_id = tracking.start_run(uri, exp_id, name, {"stage": "adapter_sft"})
-    out = tmp_path / name
-    cmd = [sys.executable, __file__, str(out), uri, exp_id, run_id, *overrides]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return out / "adapter_sft" / "adapters"
-
-
 def test_fsdp_two_cpu_processes_export_and_resume_to_the_experts_one_process_trains(tmp_path, mlflow_uri,
                                                                                       tiny_model_path):
     """3 steps under FSDP (whole adapters, PEFT loads them), then a resume from its full-state last.ckpt
     to step 5: the exported experts equal 5 uninterrupted steps of one process."""
     import torch
     from safetensors.torch import load_file
-    from test_ddp_cpu import write_records
+    from adapter_sft_driver import run_stage, write_records
 
     records = write_records(tmp_path / "records.jsonl")
     common = [f"adapter_sft.data={records}", "adapter_sft.include_persona_examples=false", "lora.dropout=0",
               "lora.r=4", "trainer.checkpoint_every_n_steps=100", "adapter_sft.lr=0.01"]
     fsdp = common + ["trainer.strategy=fsdp_cpu", "trainer.devices=2", "adapter_sft.batch_size=10"]
-    first = run_stage(tmp_path, "fsdp", mlflow_uri, fsdp + ["trainer.max_steps=3"])
+    first = run_stage(tmp_path, "fsdp", mlflow_uri, fsdp + ["trainer.max_steps=3"], "fsdp_cpu_test")
     assert json.loads((tmp_path / "fsdp" / "result.json").read_text()) == {
         "world_size": 2, "steps": 3, "fsdp_units": 2 + 1}  # the tiny model's 2 blocks + the root: really sharded
     expert = first / "openness_high"
     assert_peft_loads(expert, tiny_model_path, load_file(str(expert / "adapter_model.safetensors")))
-    resumed = run_stage(tmp_path, "fsdp", mlflow_uri, fsdp + ["trainer.max_steps=5"])
+    resumed = run_stage(tmp_path, "fsdp", mlflow_uri, fsdp + ["trainer.max_steps=5"], "fsdp_cpu_test")
     assert json.loads((tmp_path / "fsdp" / "result.json").read_text())["steps"] == 5
     single = run_stage(tmp_path, "single", mlflow_uri, common + ["trainer.max_steps=5", "trainer.strategy=auto",
                                                                  "trainer.accelerator=cpu", "trainer.devices=1",
-                                                                 "adapter_sft.batch_size=20"])
+                                                                 "adapter_sft.batch_size=20"], "fsdp_cpu_test")
     experts = sorted(p.name for p in single.iterdir())
     assert len(experts) == 10 and sorted(p.name for p in resumed.iterdir()) == experts
     trained = 0.0
@@ -124,30 +109,3 @@ def test_cli_pipeline_under_fsdp_two_cpu_processes(tmp_path, tiny_model_path):
     runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
     assert sorted(r.data.tags["stage"] for r in runs) == ["adapter_sft", "pipeline", "router"]
     assert {r.info.status for r in runs} == {"FINISHED"}
-
-
-# --------------------------------------------------------------------------- the driver (every rank runs it)
-
-
-def main(out: Path, uri: str, exp_id: str, run_id: str, overrides: list[str]) -> None:
-    from experiments.config import load_config
-    from experiments.pipeline import StageContext
-    from lightning_modules import adapter_sft
-
-    cfg = load_config(ROOT / "experiments" / "smoke.yaml", overrides + [f"output_dir={out}"])
-    stage_dir = out / "adapter_sft"
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    result = adapter_sft.run(StageContext(cfg, "adapter_sft", stage_dir, out, uri, exp_id, run_id))
-    import gc
-
-    import torch.distributed as dist
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    units = sum(isinstance(o, FullyShardedDataParallel) for o in gc.get_objects())  # proof it really sharded
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        (out / "result.json").write_text(json.dumps({"world_size": world, "steps": result["steps"], "fsdp_units": units}))
-
-
-if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:])
