@@ -258,7 +258,7 @@ class _RouteOnce:
     round routes the same conversations, and routing is deterministic, so it runs once."""
 
     def __init__(self, fuse) -> None:
-        self.fuse, self.meta = fuse, fuse.meta
+        self.fuse, self.meta, self.router = fuse, fuse.meta, fuse.router
         self._last: Optional[tuple] = None
 
     def route(self, conversations) -> torch.Tensor:

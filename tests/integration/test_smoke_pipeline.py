@@ -53,8 +53,19 @@ def test_run_hierarchy_and_metric_keys(smoke_run):
     assert 0.0 <= pe["persona_expression/own_pole_rate"] <= 1.0 and pe["persona_expression/pole_comparisons"] == 2
     assert pe["persona_expression/classifier_val_accuracy"] > 0.3  # the MiniLM probe on curated val replies
     assert math.isnan(systems["personafuse"].data.metrics["persona_expression/own_pole_rate"])
+    oracle = json.loads((Path(cfg.output_dir) / "evaluate" / "records" / "oracle_gates" / "gates.json").read_text())
+    assert any(_is_curated_label(row, cfg) for row in oracle)  # persona_expression's situations get their labels
     table = (Path(cfg.output_dir) / "evaluate" / "vs_baseline.md").read_text()
     assert "| personafuse | mmlu/accuracy |" in table and "excludes 0" in table
+
+
+def _is_curated_label(row, cfg) -> bool:
+    from datamodules.personas import load_personas
+    from datamodules.situations import load_situations
+
+    personas = load_personas(cfg.personas.file)
+    labels = [personas.label_vector(s.label, s.id) for s in load_situations(cfg.data.situations, personas)]
+    return any(all(abs(a - b) < 1e-3 for a, b in zip(row, label)) for label in labels)
 
 
 def test_records_rescore_to_logged_metrics(smoke_run):
