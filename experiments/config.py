@@ -210,8 +210,10 @@ class RouterConfig:
     """Hidden-state layer to mean-pool for base_hidden (negative counts from the top)."""
     hidden: int = 256
     """Width of the router MLP (ours)."""
-    gate: str = "sigmoid"
-    """Registered gate normalisation: sigmoid, softmax or topk."""
+    gate: str = "topk"
+    """Registered gate normalisation: topk (softmax over the top_k poles, the rest 0; gates sum to 1),
+    softmax or sigmoid (independent per pole: on the curated labels the gates sum to about 3.3, which
+    drives the mixed experts at several times the strength each was trained at; see README)."""
     temperature: float = 1.0
     """Softmax / top-k temperature."""
     top_k: int = 3

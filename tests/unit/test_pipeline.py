@@ -138,9 +138,10 @@ def test_a_run_created_just_before_a_kill_is_adopted_not_duplicated(tmp_path):
 # The smoke config's stage hashes as the suite computed them before trainer.deepspeed_config/_offload
 # and evaluate.benchmarks.<id>.systems existed (commit 1cf88a2). A change here means every user's
 # finished stages would run again after an upgrade: make it on purpose, or list the new setting in
-# registry.NEUTRAL_SETTINGS.
-SMOKE_HASHES = {"datagen": "7b225df6", "adapter_sft": "6e45f364", "sft_baseline": "ff3b53c1", "router": "e58a12c9",
-                "evaluate": "c0ed2889"}
+# registry.NEUTRAL_SETTINGS. Changed on purpose since: router and evaluate, when the default router.gate
+# became topk (2026-12-02; with router.gate=sigmoid they are 1cf88a2's e58a12c9 and c0ed2889 again).
+SMOKE_HASHES = {"datagen": "7b225df6", "adapter_sft": "6e45f364", "sft_baseline": "ff3b53c1", "router": "d28ff45c",
+                "evaluate": "f5dd9e42"}
 
 
 def test_upgrading_the_suite_does_not_redo_finished_stages(monkeypatch):
@@ -150,6 +151,8 @@ def test_upgrading_the_suite_does_not_redo_finished_stages(monkeypatch):
 
     keys = stage_keys(load_config(ROOT / "experiments/smoke.yaml", []))
     assert {k.stage: k.hash[:8] for k in keys} == SMOKE_HASHES
+    sigmoid = stage_keys(load_config(ROOT / "experiments/smoke.yaml", ["router.gate=sigmoid"]))
+    assert {k.stage: k.hash[:8] for k in sigmoid} == {**SMOKE_HASHES, "router": "e58a12c9", "evaluate": "c0ed2889"}
 
 
 def test_a_neutral_setting_counts_once_it_is_set(monkeypatch):
