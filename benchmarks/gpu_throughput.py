@@ -58,7 +58,8 @@ def build(shape: str, device: str, dtype: torch.dtype, rank: int):
     pm = PersonaLoRAModel(copy.deepcopy(base), POLES, r=rank, alpha=2.0 * rank, dropout=0.0).to(device=device, dtype=dtype)
     for layer in pm.persona_layers():
         layer.lora_B.data.normal_(0.0, 0.02)
-    router = Router(config.hidden_size, len(POLES), hidden=256, dropout=0.0, gate=GateSettings("sigmoid", 1.0, 3))
+    # The default router gates (router.gate: topk, top_k 3): each row runs 3 of the 10 experts.
+    router = Router(config.hidden_size, len(POLES), hidden=256, dropout=0.0, gate=GateSettings("topk", 1.0, 3))
     # The router reads a middle layer, as the quickstart's reads layer 16 of SmolLM2's 30.
     meta = {"encoder": "base_hidden", "layer": config.num_hidden_layers // 2, "expert_names": POLES}
     fuse = PersonaFuse(pm.eval(), tok, router.to(device=device, dtype=dtype).eval(), meta).eval()

@@ -220,7 +220,9 @@ def build_systems(args, base, tok, workdir: Path):
     for layer in pm.persona_layers():  # trained-size deltas: ‖ΔW‖ ≈ 2% of ‖W‖
         layer.lora_B.data.normal_(0.0, 0.02, generator=gen)
     pm.eval()
-    router = Router(base.config.hidden_size, len(POLES), hidden=256, dropout=0.0, gate=GateSettings("sigmoid", 1.0, 3)).eval()
+    # The default router gates (router.gate: topk, top_k 3): each row runs 3 of the 10 experts. (Until
+    # 2026-12-02 this was sigmoid, all ten gates non-zero: the earlier "top-3" rows ran ten.)
+    router = Router(base.config.hidden_size, len(POLES), hidden=256, dropout=0.0, gate=GateSettings("topk", 1.0, 3)).eval()
     meta = {"encoder": "base_hidden", "layer": args.router_layer, "expert_names": POLES}
     fuse = PersonaFuse(pm, tok, router, meta).eval()
 
@@ -627,7 +629,7 @@ def memory_probe(args) -> dict:
             expert_bytes += (layer.lora_A.numel() + layer.lora_B.numel()) * layer.lora_A.element_size()
         pm.eval()
         meta = {"encoder": "base_hidden", "layer": args.router_layer}
-        fuse = PersonaFuse(pm, tok, Router(base.config.hidden_size, len(POLES), 256, 0.0, GateSettings("sigmoid", 1.0, 3)).eval(), meta)
+        fuse = PersonaFuse(pm, tok, Router(base.config.hidden_size, len(POLES), 256, 0.0, GateSettings("topk", 1.0, 3)).eval(), meta)
         run = lambda n: fuse.generate(conversations(batch), n)  # noqa: E731
         hf = base
     with fixed_length(hf, 2):
