@@ -24,8 +24,7 @@ def smoke_run(tmp_path_factory):
         pytest.skip("benchmark files not found (../shared/benchmarks or $PERSONAFUSE_BENCHMARKS); see README 'Add a benchmark'")
     tmp = tmp_path_factory.mktemp("smoke")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    systems = "evaluate.systems=[base,prompting,sft,personafuse,uniform_gates,top1,oracle_gates,expert_agreeableness_high]"
-    cfg = load_config(ROOT / "experiments/smoke.yaml", [f"output_dir={tmp / 'out'}", f"tracking.tracking_uri={uri}", systems])
+    cfg = load_config(ROOT / "experiments/smoke.yaml", [f"output_dir={tmp / 'out'}", f"tracking.tracking_uri={uri}"])
     results = run_pipeline(cfg)
     return cfg, uri, results, tmp
 

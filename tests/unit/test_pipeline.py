@@ -138,10 +138,13 @@ def test_a_run_created_just_before_a_kill_is_adopted_not_duplicated(tmp_path):
 # The smoke config's stage hashes as the suite computed them before trainer.deepspeed_config/_offload
 # and evaluate.benchmarks.<id>.systems existed (commit 1cf88a2). A change here means every user's
 # finished stages would run again after an upgrade: make it on purpose, or list the new setting in
-# registry.NEUTRAL_SETTINGS. Changed on purpose since: router and evaluate, when the default router.gate
-# became topk (2026-12-02; with router.gate=sigmoid they are 1cf88a2's e58a12c9 and c0ed2889 again).
+# registry.NEUTRAL_SETTINGS. Changed on purpose since (2026-12-02): router and evaluate, when the default
+# router.gate became topk, and evaluate again when smoke.yaml added oracle_gates; with the old gate and
+# systems they are 1cf88a2's e58a12c9 and c0ed2889 again (checked below).
 SMOKE_HASHES = {"datagen": "7b225df6", "adapter_sft": "6e45f364", "sft_baseline": "ff3b53c1", "router": "d28ff45c",
-                "evaluate": "f5dd9e42"}
+                "evaluate": "9215ae8a"}
+SMOKE_AT_1CF88A2 = ["router.gate=sigmoid",
+                    "evaluate.systems=[base,prompting,sft,personafuse,uniform_gates,top1,expert_agreeableness_high]"]
 
 
 def test_upgrading_the_suite_does_not_redo_finished_stages(monkeypatch):
@@ -151,8 +154,8 @@ def test_upgrading_the_suite_does_not_redo_finished_stages(monkeypatch):
 
     keys = stage_keys(load_config(ROOT / "experiments/smoke.yaml", []))
     assert {k.stage: k.hash[:8] for k in keys} == SMOKE_HASHES
-    sigmoid = stage_keys(load_config(ROOT / "experiments/smoke.yaml", ["router.gate=sigmoid"]))
-    assert {k.stage: k.hash[:8] for k in sigmoid} == {**SMOKE_HASHES, "router": "e58a12c9", "evaluate": "c0ed2889"}
+    then = stage_keys(load_config(ROOT / "experiments/smoke.yaml", SMOKE_AT_1CF88A2))
+    assert {k.stage: k.hash[:8] for k in then} == {**SMOKE_HASHES, "router": "e58a12c9", "evaluate": "c0ed2889"}
 
 
 def test_a_neutral_setting_counts_once_it_is_set(monkeypatch):
