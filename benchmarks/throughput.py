@@ -220,9 +220,9 @@ def build_systems(args, base, tok, workdir: Path):
     for layer in pm.persona_layers():  # trained-size deltas: ‖ΔW‖ ≈ 2% of ‖W‖
         layer.lora_B.data.normal_(0.0, 0.02, generator=gen)
     pm.eval()
-    # The default router gates (router.gate: topk, top_k 3): each row runs 3 of the 10 experts. (Until
-    # 2026-12-02 this was sigmoid, all ten gates non-zero: the earlier "top-3" rows ran ten.)
-    router = Router(base.config.hidden_size, len(POLES), hidden=256, dropout=0.0, gate=GateSettings("topk", 1.0, 3)).eval()
+    # The quickstart's router gates (top-3 of 10 by default). Until 2026-12-02 this was a hard-coded
+    # sigmoid: all ten gates non-zero, so the earlier "top-3" rows ran ten experts.
+    router = Router(base.config.hidden_size, len(POLES), hidden=256, dropout=0.0, gate=GateSettings(*args.router_gates)).eval()
     meta = {"encoder": "base_hidden", "layer": args.router_layer, "expert_names": POLES}
     fuse = PersonaFuse(pm, tok, router, meta).eval()
 
@@ -629,7 +629,7 @@ def memory_probe(args) -> dict:
             expert_bytes += (layer.lora_A.numel() + layer.lora_B.numel()) * layer.lora_A.element_size()
         pm.eval()
         meta = {"encoder": "base_hidden", "layer": args.router_layer}
-        fuse = PersonaFuse(pm, tok, Router(base.config.hidden_size, len(POLES), 256, 0.0, GateSettings("topk", 1.0, 3)).eval(), meta)
+        fuse = PersonaFuse(pm, tok, Router(base.config.hidden_size, len(POLES), 256, 0.0, GateSettings(*args.router_gates)).eval(), meta)
         run = lambda n: fuse.generate(conversations(batch), n)  # noqa: E731
         hf = base
     with fixed_length(hf, 2):
@@ -996,10 +996,12 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     for key, (full, small) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, small if quick else full)
-    if args.router_layer is None:
-        from experiments.config import load_config
+    from experiments.config import load_config
 
-        args.router_layer = load_config(ROOT / "experiments" / "quickstart.yaml", []).router.layer
+    router = load_config(ROOT / "experiments" / "quickstart.yaml", []).router
+    if args.router_layer is None:
+        args.router_layer = router.layer
+    args.router_gates = (router.gate, router.temperature, router.top_k)  # the quickstart's gates: top-3 by default
     return args
 
 

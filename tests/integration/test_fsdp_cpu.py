@@ -1,9 +1,9 @@
 """Adapter SFT under FSDP (2 CPU processes, gloo): the exported PEFT adapters hold whole tensors and
 equal those of one process trained on the same global batch, also after a resume; PEFT loads them.
 
-The data and the driver are `adapter_sft_driver.py`'s (every step sees the whole training set, every example has the same
-number of loss tokens), so the sharded and the single-process runs take the same optimizer steps and
-their experts may differ only by float rounding.
+The data and the driver are `adapter_sft_driver.py`'s (every step sees the whole training set, every
+example has the same number of loss tokens), so the sharded and the single-process runs take the same
+optimizer steps and their experts may differ only by float rounding.
 """
 from __future__ import annotations
 
